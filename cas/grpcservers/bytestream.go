@@ -1,0 +1,386 @@
+package grpcservers
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/klauspost/compress/zstd"
+	bspb "google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"tvixfarm/cas/blobstore"
+	"tvixfarm/cas/digest"
+)
+
+// readChunkSize is the payload of each ReadResponse: large enough to keep
+// per-message costs low, well under clients' default 4 MiB receive limit.
+const readChunkSize = 1 << 20
+
+// DefaultUploadIdleTimeout is how long an interrupted upload is kept so the
+// client can resume it (QueryWriteStatus, then Write at the committed
+// offset).
+const DefaultUploadIdleTimeout = time.Minute
+
+// ByteStreamServer implements ByteStream over the CAS: Read with offset and
+// limit, resumable Write, QueryWriteStatus, for blobs and zstd
+// compressed-blobs.
+type ByteStreamServer struct {
+	bspb.UnimplementedByteStreamServer
+	stores *blobstore.Instances
+	// ctx outlives single streams: resumable uploads run under it and are
+	// aborted when it ends (server shutdown).
+	ctx         context.Context
+	idleTimeout time.Duration
+
+	mu      sync.Mutex
+	uploads map[string]*upload
+}
+
+// NewByteStreamServer returns a ByteStream server over stores. Uploads in
+// progress are abandoned, and nothing of them stored, when ctx ends.
+func NewByteStreamServer(ctx context.Context, stores *blobstore.Instances, idleTimeout time.Duration) *ByteStreamServer {
+	if idleTimeout <= 0 {
+		idleTimeout = DefaultUploadIdleTimeout
+	}
+	return &ByteStreamServer{stores: stores, ctx: ctx, idleTimeout: idleTimeout, uploads: make(map[string]*upload)}
+}
+
+// Read streams a blob, or the zstd compression of a blob, from read_offset
+// for at most read_limit bytes.
+func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) error {
+	rn, err := digest.ParseReadResourceName(req.ResourceName)
+	if err != nil {
+		return err
+	}
+	if req.ReadOffset < 0 {
+		return status.Errorf(codes.OutOfRange, "negative read_offset %d", req.ReadOffset)
+	}
+	if req.ReadLimit < 0 {
+		return status.Errorf(codes.InvalidArgument, "negative read_limit %d", req.ReadLimit)
+	}
+	d := rn.Digest
+	if rn.Compressor == repb.Compressor_IDENTITY && req.ReadOffset > d.Size() {
+		return status.Errorf(codes.OutOfRange, "read_offset %d is beyond the end of blob %s", req.ReadOffset, d)
+	}
+	var rc io.ReadCloser
+	if d.Size() == 0 {
+		if d != digest.Empty(d.Function()) {
+			return blobstore.NotFound(blobstore.CAS, d)
+		}
+		rc = io.NopCloser(eofReader{})
+	} else {
+		rc, err = s.stores.For(rn.Instance).CAS.Get(stream.Context(), d)
+		if err != nil {
+			return err
+		}
+	}
+	defer rc.Close()
+	var r io.Reader = rc
+	if rn.Compressor == repb.Compressor_ZSTD {
+		pr, pw := io.Pipe()
+		defer pr.Close()
+		go func() {
+			zw, err := zstd.NewWriter(pw, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
+			if err == nil {
+				_, err = io.Copy(zw, rc)
+				if cerr := zw.Close(); err == nil {
+					err = cerr
+				}
+			}
+			pw.CloseWithError(err)
+		}()
+		r = pr
+	}
+	if req.ReadOffset > 0 {
+		if sk, ok := r.(io.Seeker); ok && rn.Compressor == repb.Compressor_IDENTITY {
+			_, err = sk.Seek(req.ReadOffset, io.SeekStart)
+		} else {
+			var n int64
+			n, err = io.CopyN(io.Discard, r, req.ReadOffset)
+			if err == io.EOF && n == req.ReadOffset {
+				err = nil
+			} else if err == io.EOF {
+				return status.Errorf(codes.OutOfRange, "read_offset %d is beyond the end of the compressed blob", req.ReadOffset)
+			}
+		}
+		if err != nil {
+			return readError(d, err)
+		}
+	}
+	if req.ReadLimit > 0 {
+		r = io.LimitReader(r, req.ReadLimit)
+	}
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	for {
+		n, err := io.ReadFull(r, buf)
+		if n > 0 {
+			if serr := stream.Send(&bspb.ReadResponse{Data: buf[:n]}); serr != nil {
+				return serr
+			}
+		}
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			return nil
+		} else if err != nil {
+			return readError(d, err)
+		}
+	}
+}
+
+func readError(d digest.Digest, err error) error {
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	return status.Errorf(codes.Internal, "read blob %s: %v", d, err)
+}
+
+type eofReader struct{}
+
+func (eofReader) Read([]byte) (int, error) { return 0, io.EOF }
+
+// upload is a Write in progress. Its bytes flow through a pipe into a
+// BlobAccess.Put that runs under the server's context, so a client whose
+// stream breaks can resume where it stopped, on a new stream, until the
+// upload has been idle for the idle timeout.
+type upload struct {
+	name       string
+	d          digest.Digest
+	compressed bool
+	pw         *io.PipeWriter
+	done       chan struct{} // closed when Put has returned
+	err        error         // Put's result, valid once done is closed
+
+	mu        sync.Mutex   // held by the stream feeding the upload
+	committed atomic.Int64 // bytes received, compressed if compressed
+	idle      *time.Timer
+}
+
+// Write receives a blob. The first message names the resource; every
+// message's write_offset must equal the bytes committed so far; the last
+// sets finish_write. Data is verified against the digest before it is
+// stored. If the blob is already stored, the write ends at once.
+func (s *ByteStreamServer) Write(stream bspb.ByteStream_WriteServer) error {
+	req, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	rn, err := digest.ParseWriteResourceName(req.ResourceName)
+	if err != nil {
+		return err
+	}
+	d := rn.Digest
+	compressed := rn.Compressor != repb.Compressor_IDENTITY
+	cas := s.stores.For(rn.Instance).CAS
+	u, err := s.attach(stream.Context(), cas, req.ResourceName, d, compressed, req.WriteOffset)
+	if err != nil {
+		return err
+	}
+	if u == nil {
+		// Already stored.
+		size := d.Size()
+		if compressed {
+			size = -1
+		}
+		return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: size})
+	}
+	defer u.mu.Unlock()
+	for {
+		if req.WriteOffset != u.committed.Load() {
+			s.detach(u)
+			return status.Errorf(codes.InvalidArgument, "write_offset %d, but %d bytes are committed", req.WriteOffset, u.committed.Load())
+		}
+		if req.ResourceName != "" && req.ResourceName != u.name {
+			s.detach(u)
+			return status.Errorf(codes.InvalidArgument, "resource name changed within one write")
+		}
+		if len(req.Data) > 0 {
+			if _, err := u.pw.Write(req.Data); err != nil {
+				// Put has failed (for example, too much data): report why.
+				<-u.done
+				s.finish(u)
+				if u.err == nil {
+					// It finished without needing more data: another
+					// writer stored the blob meanwhile.
+					size := d.Size()
+					if compressed {
+						size = -1
+					}
+					return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: size})
+				}
+				return u.err
+			}
+			u.committed.Add(int64(len(req.Data)))
+		}
+		if req.FinishWrite {
+			u.pw.Close()
+			<-u.done
+			s.finish(u)
+			if u.err != nil {
+				return u.err
+			}
+			return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: u.committed.Load()})
+		}
+		req, err = stream.Recv()
+		if err != nil {
+			// The client went away: keep the upload for a resume.
+			s.detach(u)
+			if err == io.EOF {
+				return status.Errorf(codes.InvalidArgument, "write of %s ended without finish_write", d)
+			}
+			return err
+		}
+	}
+}
+
+// attach returns the upload for name, locked for the caller, creating it
+// if needed; it returns nil if the blob is already stored.
+func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess, name string, d digest.Digest, compressed bool, offset int64) (*upload, error) {
+	s.mu.Lock()
+	u := s.uploads[name]
+	if u != nil && u.mu.TryLock() {
+		s.mu.Unlock()
+		u.idle.Stop()
+		if offset == u.committed.Load() {
+			return u, nil
+		}
+		if offset != 0 {
+			s.detach(u)
+			return nil, status.Errorf(codes.InvalidArgument, "write_offset %d, but %d bytes of %s are committed", offset, u.committed.Load(), name)
+		}
+		// A restart from the beginning replaces the old upload.
+		u.pw.CloseWithError(errors.New("upload restarted"))
+		s.finish(u)
+		u.mu.Unlock()
+		s.mu.Lock()
+	} else if u != nil {
+		// Another stream feeds this upload: upload independently.
+		name = ""
+	}
+	s.mu.Unlock()
+	if offset != 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "write_offset %d for an upload that has not started (or has expired); query the write status and restart from 0", offset)
+	}
+	if d.Size() == 0 {
+		if d != digest.Empty(d.Function()) {
+			return nil, digest.MismatchError(d, digest.Empty(d.Function()))
+		}
+	}
+	missing, err := cas.FindMissing(ctx, []digest.Digest{d})
+	if err != nil {
+		return nil, err
+	}
+	if len(missing) == 0 && d.Size() > 0 || d.Size() == 0 && !compressed {
+		return nil, nil
+	}
+	pr, pw := io.Pipe()
+	u = &upload{name: name, d: d, compressed: compressed, pw: pw, done: make(chan struct{})}
+	u.mu.Lock()
+	u.idle = time.AfterFunc(s.idleTimeout, func() { s.expire(u) })
+	u.idle.Stop()
+	go func() {
+		defer close(u.done)
+		var r io.Reader = pr
+		if compressed {
+			zr, err := zstd.NewReader(pr, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+			if err != nil {
+				u.err = status.Errorf(codes.Internal, "zstd: %v", err)
+				pr.CloseWithError(u.err)
+				return
+			}
+			defer zr.Close()
+			r = &zstdErrReader{zr}
+		}
+		if d.Size() == 0 {
+			// The empty blob is implicit; just validate the stream.
+			_, u.err = io.Copy(io.Discard, digest.NewVerifyingReader(r, d))
+		} else {
+			u.err = cas.Put(s.ctx, d, r)
+		}
+		pr.CloseWithError(errPutReturned)
+	}()
+	if name != "" {
+		s.mu.Lock()
+		s.uploads[name] = u
+		s.mu.Unlock()
+	}
+	return u, nil
+}
+
+var errPutReturned = errors.New("upload no longer accepts data")
+
+// zstdErrReader reports corrupt compressed data as InvalidArgument.
+type zstdErrReader struct{ zr *zstd.Decoder }
+
+func (z *zstdErrReader) Read(p []byte) (int, error) {
+	n, err := z.zr.Read(p)
+	if err != nil && err != io.EOF {
+		if _, ok := status.FromError(err); !ok || status.Code(err) == codes.Unknown {
+			err = status.Errorf(codes.InvalidArgument, "invalid zstd data: %v", err)
+		}
+	}
+	return n, err
+}
+
+// detach releases an upload whose stream ended early; it expires after
+// the idle timeout unless a stream resumes it.
+func (s *ByteStreamServer) detach(u *upload) {
+	if u.name == "" {
+		u.pw.CloseWithError(status.Error(codes.Aborted, "upload interrupted"))
+		return
+	}
+	u.idle.Reset(s.idleTimeout)
+}
+
+// expire abandons an idle upload; its Put discards the partial blob.
+func (s *ByteStreamServer) expire(u *upload) {
+	if !u.mu.TryLock() {
+		return // resumed meanwhile
+	}
+	defer u.mu.Unlock()
+	slog.Debug("bytestream: abandoning idle upload", "resource", u.name, "committed", u.committed.Load())
+	u.pw.CloseWithError(status.Error(codes.Aborted, "upload abandoned"))
+	s.finish(u)
+}
+
+// finish forgets a completed or abandoned upload.
+func (s *ByteStreamServer) finish(u *upload) {
+	s.mu.Lock()
+	if s.uploads[u.name] == u {
+		delete(s.uploads, u.name)
+	}
+	s.mu.Unlock()
+}
+
+// QueryWriteStatus reports how much of an upload the server holds, so an
+// interrupted client can resume; a stored blob is complete.
+func (s *ByteStreamServer) QueryWriteStatus(ctx context.Context, req *bspb.QueryWriteStatusRequest) (*bspb.QueryWriteStatusResponse, error) {
+	rn, err := digest.ParseWriteResourceName(req.ResourceName)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	u := s.uploads[req.ResourceName]
+	s.mu.Unlock()
+	if u != nil {
+		return &bspb.QueryWriteStatusResponse{CommittedSize: u.committed.Load()}, nil
+	}
+	if rn.Digest.Size() == 0 {
+		return &bspb.QueryWriteStatusResponse{CommittedSize: 0, Complete: true}, nil
+	}
+	missing, err := s.stores.For(rn.Instance).CAS.FindMissing(ctx, []digest.Digest{rn.Digest})
+	if err != nil {
+		return nil, err
+	}
+	if len(missing) == 0 {
+		return &bspb.QueryWriteStatusResponse{CommittedSize: rn.Digest.Size(), Complete: true}, nil
+	}
+	return nil, status.Errorf(codes.NotFound, "no upload in progress for %s", req.ResourceName)
+}

@@ -1,0 +1,295 @@
+package grpcservers
+
+import (
+	"bytes"
+	"context"
+	"strconv"
+	"sync"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/klauspost/compress/zstd"
+	"golang.org/x/sync/errgroup"
+	spb "google.golang.org/genproto/googleapis/rpc/status"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"tvixfarm/cas/blobstore"
+	"tvixfarm/cas/digest"
+)
+
+// batchParallelism bounds the concurrent store operations of one batch.
+const batchParallelism = 16
+
+// maxFindMissing bounds the digests of one FindMissingBlobs request.
+const maxFindMissing = 100_000
+
+// CASServer implements ContentAddressableStorage.
+type CASServer struct {
+	repb.UnimplementedContentAddressableStorageServer
+	stores *blobstore.Instances
+}
+
+// NewCASServer returns a ContentAddressableStorage server over stores.
+func NewCASServer(stores *blobstore.Instances) *CASServer {
+	return &CASServer{stores: stores}
+}
+
+var (
+	zstdEncoder, _ = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	zstdDecoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(MaxRecvMsgSize))
+)
+
+// requestFunction resolves a request's digest function (REAPI 2.3: absent
+// means the one the hash length implies, which is SHA-256 for the functions
+// tvixfarm supports).
+func requestFunction(instance string, v repb.DigestFunction_Value) (digest.Function, error) {
+	if err := digest.ValidateInstanceName(instance); err != nil {
+		return 0, err
+	}
+	return digest.FunctionFromProto(v)
+}
+
+func parseDigests(fn digest.Function, pds []*repb.Digest) ([]digest.Digest, error) {
+	ds := make([]digest.Digest, len(pds))
+	for i, pd := range pds {
+		d, err := digest.FromProto(fn, pd)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "digest %d: %s", i, status.Convert(err).Message())
+		}
+		ds[i] = d
+	}
+	return ds, nil
+}
+
+// FindMissingBlobs reports the blobs the store lacks. The empty blob is
+// never missing.
+func (s *CASServer) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlobsRequest) (*repb.FindMissingBlobsResponse, error) {
+	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	if err != nil {
+		return nil, err
+	}
+	if len(req.BlobDigests) > maxFindMissing {
+		return nil, status.Errorf(codes.InvalidArgument, "%d digests in one request; at most %d are allowed", len(req.BlobDigests), maxFindMissing)
+	}
+	ds, err := parseDigests(fn, req.BlobDigests)
+	if err != nil {
+		return nil, err
+	}
+	ds = withoutEmpty(ds)
+	missing, err := s.stores.For(req.InstanceName).CAS.FindMissing(ctx, ds)
+	if err != nil {
+		return nil, err
+	}
+	resp := &repb.FindMissingBlobsResponse{MissingBlobDigests: make([]*repb.Digest, 0, len(missing))}
+	seen := make(map[digest.Digest]bool, len(missing))
+	for _, d := range missing {
+		if !seen[d] {
+			seen[d] = true
+			resp.MissingBlobDigests = append(resp.MissingBlobDigests, d.Proto())
+		}
+	}
+	return resp, nil
+}
+
+func withoutEmpty(ds []digest.Digest) []digest.Digest {
+	out := ds[:0:0]
+	for _, d := range ds {
+		if d.Size() != 0 {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+// BatchUpdateBlobs stores small blobs, in parallel, each verified against
+// its digest; the response has one status per blob.
+func (s *CASServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
+	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	if err != nil {
+		return nil, err
+	}
+	var total int64
+	for _, r := range req.Requests {
+		total += int64(len(r.Data))
+	}
+	if total > MaxBatchTotalSize {
+		return nil, status.Errorf(codes.InvalidArgument, "batch carries %d bytes, more than max_batch_total_size_bytes (%d); use ByteStream for large blobs", total, MaxBatchTotalSize)
+	}
+	cas := s.stores.For(req.InstanceName).CAS
+	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.Requests))}
+	var g errgroup.Group
+	g.SetLimit(batchParallelism)
+	for i, r := range req.Requests {
+		out := &repb.BatchUpdateBlobsResponse_Response{Digest: r.Digest}
+		resp.Responses[i] = out
+		d, err := digest.FromProto(fn, r.Digest)
+		if err != nil {
+			out.Status = statusProto(err)
+			continue
+		}
+		g.Go(func() error {
+			out.Status = statusProto(s.putOne(ctx, cas, d, r.Compressor, r.Data))
+			return nil
+		})
+	}
+	g.Wait()
+	return resp, nil
+}
+
+func (s *CASServer) putOne(ctx context.Context, cas blobstore.BlobAccess, d digest.Digest, c repb.Compressor_Value, data []byte) error {
+	switch c {
+	case repb.Compressor_IDENTITY:
+	case repb.Compressor_ZSTD:
+		if d.Size() > MaxBatchTotalSize {
+			return status.Errorf(codes.InvalidArgument, "blob %s is larger than max_batch_total_size_bytes once decompressed", d)
+		}
+		var err error
+		data, err = zstdDecoder.DecodeAll(data, make([]byte, 0, d.Size()))
+		if err != nil {
+			return status.Errorf(codes.InvalidArgument, "blob %s: invalid zstd data: %v", d, err)
+		}
+	default:
+		return status.Errorf(codes.InvalidArgument, "blob %s: compressor %s is not supported", d, c)
+	}
+	if d.Size() == 0 {
+		return d.Verify(data)
+	}
+	return cas.Put(ctx, d, bytes.NewReader(data))
+}
+
+// BatchReadBlobs returns small blobs, compressed with zstd when the client
+// accepts it and it pays off.
+func (s *CASServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRequest) (*repb.BatchReadBlobsResponse, error) {
+	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	if err != nil {
+		return nil, err
+	}
+	var total int64
+	for _, pd := range req.Digests {
+		total += pd.GetSizeBytes()
+	}
+	if total > MaxBatchTotalSize {
+		return nil, status.Errorf(codes.InvalidArgument, "batch asks for %d bytes, more than max_batch_total_size_bytes (%d); use ByteStream for large blobs", total, MaxBatchTotalSize)
+	}
+	zstdOK := false
+	for _, c := range req.AcceptableCompressors {
+		zstdOK = zstdOK || c == repb.Compressor_ZSTD
+	}
+	cas := s.stores.For(req.InstanceName).CAS
+	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(req.Digests))}
+	var g errgroup.Group
+	g.SetLimit(batchParallelism)
+	for i, pd := range req.Digests {
+		out := &repb.BatchReadBlobsResponse_Response{Digest: pd}
+		resp.Responses[i] = out
+		d, err := digest.FromProto(fn, pd)
+		if err != nil {
+			out.Status = statusProto(err)
+			continue
+		}
+		g.Go(func() error {
+			data, err := readSmall(ctx, cas, d)
+			if err != nil {
+				out.Status = statusProto(err)
+				return nil
+			}
+			out.Data = data
+			if zstdOK && len(data) >= 512 {
+				if z := zstdEncoder.EncodeAll(data, nil); len(z) < len(data) {
+					out.Data, out.Compressor = z, repb.Compressor_ZSTD
+				}
+			}
+			out.Status = &spb.Status{}
+			return nil
+		})
+	}
+	g.Wait()
+	return resp, nil
+}
+
+// readSmall reads a blob that fits in a batch; the empty blob is always
+// present.
+func readSmall(ctx context.Context, cas blobstore.BlobAccess, d digest.Digest) ([]byte, error) {
+	if d.Size() == 0 {
+		if d != digest.Empty(d.Function()) {
+			return nil, blobstore.NotFound(blobstore.CAS, d)
+		}
+		return []byte{}, nil
+	}
+	return blobstore.GetBytes(ctx, cas, d, MaxBatchTotalSize)
+}
+
+// GetTree returns the Directory tree under a root, breadth first, in pages.
+// The page token is the position of the page's first directory in that
+// order. Directories missing from the CAS are omitted, as REAPI allows.
+func (s *CASServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
+	ctx := stream.Context()
+	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	if err != nil {
+		return err
+	}
+	root, err := digest.FromProto(fn, req.RootDigest)
+	if err != nil {
+		return err
+	}
+	start := 0
+	if req.PageToken != "" {
+		start, err = strconv.Atoi(req.PageToken)
+		if err != nil || start < 0 {
+			return status.Errorf(codes.InvalidArgument, "invalid page token %q", req.PageToken)
+		}
+	}
+	pageSize := int(req.PageSize)
+	if pageSize <= 0 || pageSize > 10_000 {
+		pageSize = 10_000
+	}
+	cas := s.stores.For(req.InstanceName).CAS
+	queue := []digest.Digest{root}
+	seen := map[digest.Digest]bool{root: true}
+	var page []*repb.Directory
+	pageBytes := 0
+	for i := 0; i < len(queue); i++ {
+		if i >= start && (len(page) == pageSize || pageBytes > MaxBatchTotalSize) {
+			if err := stream.Send(&repb.GetTreeResponse{Directories: page, NextPageToken: strconv.Itoa(i)}); err != nil {
+				return err
+			}
+			return nil
+		}
+		data, err := readSmall(ctx, cas, queue[i])
+		if blobstore.IsNotFound(err) {
+			continue
+		} else if err != nil {
+			return err
+		}
+		dir := &repb.Directory{}
+		if err := proto.Unmarshal(data, dir); err != nil {
+			return status.Errorf(codes.InvalidArgument, "directory %s is not a valid Directory message: %v", queue[i], err)
+		}
+		for _, sub := range dir.Directories {
+			sd, err := digest.FromProto(fn, sub.Digest)
+			if err != nil {
+				return status.Errorf(codes.InvalidArgument, "directory %s, entry %q: %s", queue[i], sub.Name, status.Convert(err).Message())
+			}
+			if !seen[sd] {
+				seen[sd] = true
+				queue = append(queue, sd)
+			}
+		}
+		if i >= start {
+			page = append(page, dir)
+			pageBytes += len(data)
+		}
+	}
+	return stream.Send(&repb.GetTreeResponse{Directories: page})
+}
+
+// statusProto converts an error into a google.rpc.Status; nil is OK.
+func statusProto(err error) *spb.Status {
+	if err == nil {
+		return &spb.Status{}
+	}
+	return status.Convert(err).Proto()
+}
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, readChunkSize); return &b }}

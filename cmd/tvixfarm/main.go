@@ -1,0 +1,108 @@
+// Command tvixfarm runs the farm: `tvixfarm serve` starts the storage
+// services (REAPI CAS, ByteStream, ActionCache, Capabilities) on one gRPC
+// port; later roles (scheduler, executor, frontend) join the same process.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"tvixfarm/internal/config"
+	"tvixfarm/internal/farm"
+)
+
+const usage = `usage: tvixfarm <command> [flags]
+
+commands:
+  serve    start the farm (all roles in one process by default)
+  version  print the version
+
+Run 'tvixfarm serve -h' for the flags of serve.
+`
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprint(os.Stderr, usage)
+		os.Exit(2)
+	}
+	var err error
+	switch os.Args[1] {
+	case "serve":
+		err = serve(os.Args[2:])
+	case "version":
+		fmt.Println("tvixfarm", version)
+	case "-h", "-help", "--help", "help":
+		fmt.Print(usage)
+	default:
+		fmt.Fprintf(os.Stderr, "tvixfarm: unknown command %q\n\n%s", os.Args[1], usage)
+		os.Exit(2)
+	}
+	if err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(os.Stderr, "tvixfarm: %v\n", err)
+		}
+		os.Exit(1)
+	}
+}
+
+var version = "dev"
+
+func serve(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	listen := fs.String("listen", "", "gRPC listen address (default 127.0.0.1:8980)")
+	data := fs.String("data", "", "data directory (default /var/lib/tvixfarm as root, else $XDG_DATA_HOME/tvixfarm)")
+	cfgPath := fs.String("config", "", "configuration file (YAML); every setting has a default")
+	role := fs.String("role", "all", "roles to run: all (today: the storage services)")
+	logLevel := fs.String("log-level", "", "debug, info, warn or error (overrides the config)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("serve: unexpected argument %q", fs.Arg(0))
+	}
+	switch *role {
+	case "all", "storage":
+	default:
+		return fmt.Errorf("serve: unknown role %q (known: all, storage)", *role)
+	}
+	cfg := config.Default()
+	if *cfgPath != "" {
+		var err error
+		if cfg, err = config.Load(*cfgPath); err != nil {
+			return err
+		}
+	}
+	if *listen != "" {
+		cfg.Listen = *listen
+	}
+	if *data != "" {
+		cfg.Data = *data
+	}
+	if *logLevel != "" {
+		cfg.LogLevel = *logLevel
+	}
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	log := newLogger(cfg.LogLevel)
+	slog.SetDefault(log)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	f, err := farm.New(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	return f.Serve(ctx)
+}
+
+func newLogger(level string) *slog.Logger {
+	var l slog.Level
+	l.UnmarshalText([]byte(level))
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: l}))
+}

@@ -1,0 +1,373 @@
+// Package config defines tvixfarm's configuration file: one YAML document
+// that describes every role and backend. Every setting has a default, so no
+// file is needed; unknown keys and invalid values are errors that name the
+// key. The storage part is a tree that maps one-to-one onto the composition
+// of blobstore backends that package farm builds from it.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	// Listen is the gRPC address of the farm (flag --listen).
+	Listen string `yaml:"listen"`
+	// Data is the directory for persistent state (flag --data).
+	Data string `yaml:"data"`
+	// MetricsListen, when set, serves Prometheus metrics over HTTP.
+	MetricsListen string `yaml:"metrics_listen"`
+	// LogLevel is one of debug, info, warn, error.
+	LogLevel string `yaml:"log_level"`
+	// Storage configures the CAS and the action cache.
+	Storage Storage `yaml:"storage"`
+}
+
+// Storage configures the content-addressable store and the action cache.
+type Storage struct {
+	CAS         Backend `yaml:"cas"`
+	ActionCache Backend `yaml:"action_cache"`
+	// Instances gives instance names their own stores; instance names not
+	// listed share the stores above.
+	Instances map[string]InstanceStorage `yaml:"instances"`
+	// UploadIdleTimeout is how long an interrupted ByteStream upload is
+	// kept for the client to resume it.
+	UploadIdleTimeout Duration `yaml:"upload_idle_timeout"`
+}
+
+// InstanceStorage are the stores of one instance name.
+type InstanceStorage struct {
+	CAS         Backend `yaml:"cas"`
+	ActionCache Backend `yaml:"action_cache"`
+}
+
+// Backend is one node of a storage stack: exactly one field is set.
+type Backend struct {
+	Disk   *Disk   `yaml:"disk"`
+	Memory *Memory `yaml:"memory"`
+	Redis  *Redis  `yaml:"redis"`
+	Tiered *Tiered `yaml:"tiered"`
+}
+
+// Disk stores blobs as files under a directory.
+type Disk struct {
+	// Path is the directory, relative to the data directory unless absolute.
+	Path string `yaml:"path"`
+	// MaxSize bounds the bytes stored (e.g. "20GiB").
+	MaxSize Size `yaml:"max_size"`
+	// Fsync makes writes durable across power loss (default false: writes
+	// survive a crash of the process, and reads verify blobs).
+	Fsync bool `yaml:"fsync"`
+	// VerifyBelow: blobs up to this size are hashed on every read.
+	VerifyBelow *Size `yaml:"verify_below"`
+	// VerifySampleRate is the fraction of reads of larger blobs hashed.
+	VerifySampleRate *float64 `yaml:"verify_sample_rate"`
+}
+
+// Memory keeps blobs in memory.
+type Memory struct {
+	MaxSize Size `yaml:"max_size"`
+}
+
+// Redis stores blobs in a Redis server.
+type Redis struct {
+	Addr        string   `yaml:"addr"`
+	Username    string   `yaml:"username"`
+	Password    string   `yaml:"password"`
+	DB          int      `yaml:"db"`
+	KeyPrefix   string   `yaml:"key_prefix"`
+	MaxBlobSize Size     `yaml:"max_blob_size"`
+	Timeout     Duration `yaml:"timeout"`
+	DialTimeout Duration `yaml:"dial_timeout"`
+	TTL         Duration `yaml:"ttl"`
+}
+
+// Tiered puts a local cache in front of a remote store.
+type Tiered struct {
+	Local  Backend `yaml:"local"`
+	Remote Backend `yaml:"remote"`
+}
+
+// Default returns the configuration used when no file is given.
+func Default() *Config {
+	return &Config{
+		Listen:   "127.0.0.1:8980",
+		Data:     DefaultDataDir(),
+		LogLevel: "info",
+		Storage: Storage{
+			CAS:               Backend{Disk: &Disk{Path: "cas", MaxSize: 20 << 30}},
+			ActionCache:       Backend{Disk: &Disk{Path: "ac", MaxSize: 1 << 30}},
+			UploadIdleTimeout: Duration(time.Minute),
+		},
+	}
+}
+
+// DefaultDataDir is /var/lib/tvixfarm for root, else
+// $XDG_DATA_HOME/tvixfarm (~/.local/share/tvixfarm).
+func DefaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/tvixfarm"
+	}
+	if x := os.Getenv("XDG_DATA_HOME"); x != "" {
+		return filepath.Join(x, "tvixfarm")
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		return filepath.Join(os.TempDir(), "tvixfarm")
+	}
+	return filepath.Join(home, ".local", "share", "tvixfarm")
+}
+
+// Load reads a configuration file over the defaults and validates it.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	cfg, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes a configuration document over the defaults and validates
+// it. Keys the document sets replace the defaults; a backend given in the
+// document replaces the default backend entirely.
+func Parse(data []byte) (*Config, error) {
+	cfg := Default()
+	var doc Config
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&doc); err != nil && !errors.Is(err, io.EOF) {
+		var root yaml.Node
+		yaml.Unmarshal(data, &root)
+		return nil, cleanYAMLError(err, keyLines(&root, "", map[int]string{}))
+	}
+	if doc.Listen != "" {
+		cfg.Listen = doc.Listen
+	}
+	if doc.Data != "" {
+		cfg.Data = doc.Data
+	}
+	if doc.MetricsListen != "" {
+		cfg.MetricsListen = doc.MetricsListen
+	}
+	if doc.LogLevel != "" {
+		cfg.LogLevel = doc.LogLevel
+	}
+	if !doc.Storage.CAS.empty() {
+		cfg.Storage.CAS = doc.Storage.CAS
+	}
+	if !doc.Storage.ActionCache.empty() {
+		cfg.Storage.ActionCache = doc.Storage.ActionCache
+	}
+	if doc.Storage.UploadIdleTimeout != 0 {
+		cfg.Storage.UploadIdleTimeout = doc.Storage.UploadIdleTimeout
+	}
+	cfg.Storage.Instances = doc.Storage.Instances
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return cfg, nil
+}
+
+// cleanYAMLError turns yaml.v3's "field x not found in type config.Disk"
+// into a message that names the key.
+func cleanYAMLError(err error, keys map[int]string) error {
+	msgs := []string{err.Error()}
+	var te *yaml.TypeError
+	if errors.As(err, &te) {
+		msgs = te.Errors
+	}
+	for i, m := range msgs {
+		m = strings.TrimPrefix(m, "yaml: ")
+		line, rest, ok := strings.Cut(m, ": ")
+		if !ok {
+			continue
+		}
+		if key, _, ok := strings.Cut(strings.TrimPrefix(rest, "field "), " not found"); ok && strings.HasPrefix(rest, "field ") {
+			rest = "unknown key " + strconv.Quote(key)
+		}
+		var n int
+		if _, err := fmt.Sscanf(line, "line %d", &n); err == nil && keys[n] != "" {
+			m = fmt.Sprintf("%s (%s): %s", keys[n], line, rest)
+		} else {
+			m = line + ": " + rest
+		}
+		msgs[i] = m
+	}
+	return errors.New(strings.Join(msgs, "; "))
+}
+
+// keyLines maps the line of every key in a YAML tree to its dotted path.
+func keyLines(n *yaml.Node, prefix string, out map[int]string) map[int]string {
+	switch n.Kind {
+	case yaml.DocumentNode:
+		for _, c := range n.Content {
+			keyLines(c, prefix, out)
+		}
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			k := n.Content[i].Value
+			if prefix != "" {
+				k = prefix + "." + k
+			}
+			out[n.Content[i].Line] = k
+			keyLines(n.Content[i+1], k, out)
+		}
+	}
+	return out
+}
+
+func (b Backend) empty() bool { return b.Disk == nil && b.Memory == nil && b.Redis == nil && b.Tiered == nil }
+
+// Validate checks the configuration; errors name the offending key.
+func (c *Config) Validate() error {
+	switch c.LogLevel {
+	case "debug", "info", "warn", "error":
+	default:
+		return fmt.Errorf("log_level: %q is not one of debug, info, warn, error", c.LogLevel)
+	}
+	if c.Listen == "" {
+		return errors.New("listen: must not be empty")
+	}
+	if err := c.Storage.CAS.validate("storage.cas"); err != nil {
+		return err
+	}
+	if err := c.Storage.ActionCache.validate("storage.action_cache"); err != nil {
+		return err
+	}
+	for name, in := range c.Storage.Instances {
+		key := "storage.instances." + name
+		if in.CAS.empty() || in.ActionCache.empty() {
+			return fmt.Errorf("%s: both cas and action_cache must be set", key)
+		}
+		if err := in.CAS.validate(key + ".cas"); err != nil {
+			return err
+		}
+		if err := in.ActionCache.validate(key + ".action_cache"); err != nil {
+			return err
+		}
+	}
+	if c.Storage.UploadIdleTimeout < 0 {
+		return errors.New("storage.upload_idle_timeout: must not be negative")
+	}
+	return nil
+}
+
+func (b *Backend) validate(key string) error {
+	n := 0
+	for _, set := range []bool{b.Disk != nil, b.Memory != nil, b.Redis != nil, b.Tiered != nil} {
+		if set {
+			n++
+		}
+	}
+	if n != 1 {
+		return fmt.Errorf("%s: exactly one of disk, memory, redis, tiered must be set (found %d)", key, n)
+	}
+	switch {
+	case b.Disk != nil:
+		d := b.Disk
+		if d.Path == "" {
+			return fmt.Errorf("%s.disk.path: must not be empty", key)
+		}
+		if d.MaxSize <= 0 {
+			return fmt.Errorf("%s.disk.max_size: must be positive", key)
+		}
+		if d.VerifySampleRate != nil && (*d.VerifySampleRate < 0 || *d.VerifySampleRate > 1) {
+			return fmt.Errorf("%s.disk.verify_sample_rate: %v is not between 0 and 1", key, *d.VerifySampleRate)
+		}
+	case b.Memory != nil:
+		if b.Memory.MaxSize <= 0 {
+			return fmt.Errorf("%s.memory.max_size: must be positive", key)
+		}
+	case b.Redis != nil:
+		r := b.Redis
+		if r.Addr == "" {
+			return fmt.Errorf("%s.redis.addr: must not be empty", key)
+		}
+		if r.MaxBlobSize == 0 {
+			r.MaxBlobSize = 1 << 20
+		}
+		if r.MaxBlobSize < 0 {
+			return fmt.Errorf("%s.redis.max_blob_size: must be positive", key)
+		}
+		if r.Timeout == 0 {
+			r.Timeout = Duration(5 * time.Second)
+		}
+		if r.DialTimeout == 0 {
+			r.DialTimeout = Duration(5 * time.Second)
+		}
+	case b.Tiered != nil:
+		if err := b.Tiered.Local.validate(key + ".tiered.local"); err != nil {
+			return err
+		}
+		if err := b.Tiered.Remote.validate(key + ".tiered.remote"); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Size is a byte count written as a number with an optional unit: B, KB,
+// MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024).
+type Size int64
+
+var sizeUnits = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12}, {"B", 1},
+}
+
+// ParseSize parses a Size.
+func ParseSize(s string) (Size, error) {
+	s = strings.TrimSpace(s)
+	mult := int64(1)
+	for _, u := range sizeUnits {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSpace(strings.TrimSuffix(s, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("invalid size %q (want e.g. 512MiB, 20GiB, 1048576)", s)
+	}
+	return Size(n * mult), nil
+}
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (s *Size) UnmarshalYAML(n *yaml.Node) error {
+	v, err := ParseSize(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	*s = v
+	return nil
+}
+
+// Duration is a time.Duration written as "30s", "5m".
+type Duration time.Duration
+
+// UnmarshalYAML implements yaml.Unmarshaler.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil || v < 0 {
+		return fmt.Errorf("line %d: invalid duration %q (want e.g. 30s, 5m)", n.Line, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}

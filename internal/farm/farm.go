@@ -1,0 +1,140 @@
+// Package farm assembles tvixfarm's roles from a configuration into one
+// gRPC server: today the storage services (CAS, ByteStream, ActionCache,
+// Capabilities); later the scheduler, executor and frontend roles.
+package farm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	bspb "google.golang.org/genproto/googleapis/bytestream"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+
+	"tvixfarm/cas/blobstore"
+	"tvixfarm/cas/grpcservers"
+	"tvixfarm/internal/config"
+)
+
+// Farm is a running tvixfarm process.
+type Farm struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	lis     net.Listener
+	srv     *grpc.Server
+	health  *health.Server
+	stores  *blobstore.Instances
+	closers []io.Closer
+	cancel  context.CancelFunc
+	metrics *http.Server
+}
+
+// New opens the storage and binds the listener; Serve serves it.
+func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, error) {
+	if err := os.MkdirAll(cfg.Data, 0o755); err != nil {
+		return nil, fmt.Errorf("data directory: %w", err)
+	}
+	f := &Farm{cfg: cfg, log: log}
+	stores, err := NewStores(cfg.Storage, cfg.Data, log, &f.closers)
+	if err != nil {
+		f.closeAll()
+		return nil, err
+	}
+	f.stores = stores
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		f.closeAll()
+		return nil, fmt.Errorf("listen: %w", err)
+	}
+	f.lis = lis
+	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	f.cancel = cancel
+	f.srv = grpc.NewServer(
+		grpc.MaxRecvMsgSize(grpcservers.MaxRecvMsgSize),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.ChainUnaryInterceptor(unaryLogger(log)),
+		grpc.ChainStreamInterceptor(streamLogger(log)),
+	)
+	repb.RegisterCapabilitiesServer(f.srv, &grpcservers.CapabilitiesServer{})
+	repb.RegisterContentAddressableStorageServer(f.srv, grpcservers.NewCASServer(stores))
+	repb.RegisterActionCacheServer(f.srv, grpcservers.NewActionCacheServer(stores))
+	bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
+	f.health = health.NewServer()
+	healthpb.RegisterHealthServer(f.srv, f.health)
+	reflection.Register(f.srv)
+	return f, nil
+}
+
+// Addr is the address the farm listens on.
+func (f *Farm) Addr() string { return f.lis.Addr().String() }
+
+// Stores returns the farm's storage.
+func (f *Farm) Stores() *blobstore.Instances { return f.stores }
+
+// Serve serves until ctx ends, then stops gracefully: in-flight requests
+// finish (uploads that cannot finish are discarded) within the grace period.
+func (f *Farm) Serve(ctx context.Context) error {
+	if f.cfg.MetricsListen != "" {
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.Handler())
+		f.metrics = &http.Server{Addr: f.cfg.MetricsListen, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := f.metrics.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				f.log.Error("metrics server", "err", err)
+			}
+		}()
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- f.srv.Serve(f.lis) }()
+	f.log.Info("tvixfarm serving", "listen", f.Addr(), "data", f.cfg.Data, "roles", "storage")
+	select {
+	case err := <-errc:
+		f.closeAll()
+		return err
+	case <-ctx.Done():
+	}
+	f.log.Info("shutting down")
+	f.health.Shutdown()
+	done := make(chan struct{})
+	go func() { f.srv.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		f.log.Warn("grace period over; cancelling remaining requests")
+		f.srv.Stop()
+	}
+	f.closeAll()
+	f.log.Info("stopped")
+	return nil
+}
+
+// Close stops the farm at once.
+func (f *Farm) Close() {
+	f.srv.Stop()
+	f.closeAll()
+}
+
+func (f *Farm) closeAll() {
+	if f.cancel != nil {
+		f.cancel()
+	}
+	if f.metrics != nil {
+		f.metrics.Close()
+	}
+	for _, c := range f.closers {
+		c.Close()
+	}
+	f.closers = nil
+}
