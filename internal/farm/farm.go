@@ -63,6 +63,8 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 	f.cancel = cancel
 	f.srv = grpc.NewServer(
 		grpc.MaxRecvMsgSize(grpcservers.MaxRecvMsgSize),
+		// Large flow-control windows: blobs are bulk transfers.
+		grpc.InitialWindowSize(16<<20), grpc.InitialConnWindowSize(16<<20),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(unaryLogger(log)),
 		grpc.ChainStreamInterceptor(streamLogger(log)),
