@@ -39,17 +39,24 @@ type DiskOptions struct {
 	VerifyBelow int64
 	// VerifySampleRate is the fraction of reads of larger blobs verified.
 	VerifySampleRate float64
+	// PackBelow: CAS blobs smaller than this are appended to pack files
+	// instead of getting a file each; 0 disables packing.
+	PackBelow int64
+	// PackSize is the size at which a pack file is sealed (default 64 MiB,
+	// and at most MaxSize/8).
+	PackSize int64
 	// Logger receives warnings about corrupt blobs; nil means slog.Default.
 	Logger *slog.Logger
 }
 
-// NewDisk returns a BlobAccess that stores each blob as a file under dir:
-// dir/{function}/{hash[:2]}/{hash}-{size}. A blob is written to dir/tmp,
-// verified, optionally fsync'ed, and renamed into place, so a crash at any
-// point leaves either the whole blob or nothing. An in-memory index of the
-// stored blobs, rebuilt from the directory at start, answers FindMissing and
-// orders eviction by last use. The directory is locked against use by a
-// second process.
+// NewDisk returns a BlobAccess that stores blobs under dir. A blob is
+// either a file, dir/{function}/{hash[:2]}/{hash}-{size}, written to
+// dir/tmp, verified, optionally fsync'ed and renamed into place, or, if it
+// is smaller than PackBelow, a record in a pack file under dir/packs (see
+// pack.go). Either way a crash at any point leaves the whole blob or
+// nothing. An in-memory index of the stored blobs, rebuilt from the
+// directory at start, answers FindMissing and orders eviction by last use.
+// The directory is locked against use by a second process.
 func NewDisk(kind Kind, dir string, opts DiskOptions) (BlobAccess, error) {
 	if opts.MaxSize <= 0 {
 		return nil, fmt.Errorf("disk store %s: max size must be positive", dir)
@@ -57,8 +64,18 @@ func NewDisk(kind Kind, dir string, opts DiskOptions) (BlobAccess, error) {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	s := &disk{kind: kind, dir: dir, opts: opts, index: make(map[digest.Digest]*list.Element), lru: list.New()}
+	if kind != CAS {
+		opts.PackBelow = 0 // action results are overwritten; keep them as files
+	}
+	if opts.PackSize <= 0 {
+		opts.PackSize = 64 << 20
+	}
+	opts.PackSize = max(min(opts.PackSize, opts.MaxSize/8), 4096)
+	s := &disk{kind: kind, dir: dir, opts: opts, index: make(map[digest.Digest]*diskEntry), lru: list.New()}
 	if err := s.open(); err != nil {
+		if s.lock != nil {
+			s.lock.Close()
+		}
 		return nil, err
 	}
 	return s, nil
@@ -74,20 +91,36 @@ type disk struct {
 	// on one digest, so that an eviction never removes a file that a
 	// concurrent Put has just renamed into place and indexed.
 	stripes [64]sync.Mutex
+	// packMu serialises appends to the current pack.
+	packMu sync.Mutex
 
 	mu    sync.Mutex
-	index map[digest.Digest]*list.Element // values are *diskEntry
-	lru   *list.List                      // front is most recently used
-	size  int64
+	index map[digest.Digest]*diskEntry
+	lru   *list.List // file entries; front is most recently used
+	packs []*pack    // oldest first; the last one takes writes
+	size  int64      // bytes of blob files plus bytes of packs
+	clock uint64     // use counter ordering files against packs
 }
 
+// diskEntry is a stored blob: a file (elem != nil) or a pack record.
 type diskEntry struct {
-	d    digest.Digest
-	size int64 // bytes on disk
+	d       digest.Digest
+	size    int64 // bytes on disk (files)
+	elem    *list.Element
+	lastUse uint64
+	pack    *pack
+	off     int64
 }
 
-// Close releases the lock on the directory.
-func (s *disk) Close() error { return s.lock.Close() }
+// Close releases the lock on the directory and closes the packs.
+func (s *disk) Close() error {
+	s.mu.Lock()
+	for _, p := range s.packs {
+		p.f.Close()
+	}
+	s.mu.Unlock()
+	return s.lock.Close()
+}
 
 func (s *disk) tmpDir() string { return filepath.Join(s.dir, "tmp") }
 
@@ -115,15 +148,20 @@ func (s *disk) open() error {
 	if err := os.RemoveAll(s.tmpDir()); err != nil {
 		return fmt.Errorf("disk store: remove leftovers: %w", err)
 	}
-	if err := os.MkdirAll(s.tmpDir(), 0o755); err != nil {
-		return fmt.Errorf("disk store: %w", err)
+	for _, d := range []string{s.tmpDir(), s.packDir()} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return fmt.Errorf("disk store: %w", err)
+		}
 	}
-	type found struct {
-		d     digest.Digest
-		size  int64
+	// Files and packs are ordered together by modification time, so the
+	// use clock starts out as close to the true order as the disk tells.
+	type item struct {
 		mtime time.Time
+		e     *diskEntry
+		p     *pack
+		recs  []packRecord
 	}
-	var all []found
+	var items []item
 	for _, fn := range digest.Functions {
 		for i := 0; i < 256; i++ {
 			shard := filepath.Join(s.dir, fn.String(), fmt.Sprintf("%02x", i))
@@ -143,15 +181,78 @@ func (s *disk) open() error {
 					os.Remove(filepath.Join(shard, e.Name()))
 					continue
 				}
-				all = append(all, found{d, info.Size(), info.ModTime()})
+				items = append(items, item{mtime: info.ModTime(), e: &diskEntry{d: d, size: info.Size()}})
 			}
 		}
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i].mtime.After(all[j].mtime) })
-	for _, f := range all {
-		s.index[f.d] = s.lru.PushBack(&diskEntry{d: f.d, size: f.size})
-		s.size += f.size
+	ids, err := listPacks(s.packDir())
+	if err != nil {
+		return fmt.Errorf("disk store: %w", err)
 	}
+	for i, id := range ids {
+		f, err := os.OpenFile(filepath.Join(s.packDir(), packName(id)), os.O_RDWR, 0)
+		if err != nil {
+			return fmt.Errorf("disk store: %w", err)
+		}
+		recs, good, err := scanPack(f)
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("disk store: scan %s: %w", f.Name(), err)
+		}
+		info, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return fmt.Errorf("disk store: %w", err)
+		}
+		if good < info.Size() {
+			// A torn last record (crash while appending) or damage.
+			s.opts.Logger.Warn("disk store: truncating pack after its last intact record", "pack", f.Name(), "size", info.Size(), "intact", good, "newest", i == len(ids)-1)
+			if err := f.Truncate(good); err != nil {
+				f.Close()
+				return fmt.Errorf("disk store: %w", err)
+			}
+		}
+		if good == 0 {
+			f.Close()
+			os.Remove(f.Name())
+			continue
+		}
+		p := &pack{id: id, f: f, size: good}
+		items = append(items, item{mtime: info.ModTime(), p: p, recs: recs})
+	}
+	sort.SliceStable(items, func(i, j int) bool { return items[i].mtime.Before(items[j].mtime) })
+	for _, it := range items {
+		s.clock++
+		if it.e != nil {
+			it.e.lastUse = s.clock
+			it.e.elem = s.lru.PushFront(it.e)
+			s.index[it.e.d] = it.e
+			s.size += it.e.size
+			continue
+		}
+		p := it.p
+		p.sealed = s.clock
+		s.packs = append(s.packs, p)
+		s.size += p.size
+		for _, r := range it.recs {
+			p.digests = append(p.digests, r.d)
+			if old, ok := s.index[r.d]; ok && old.elem != nil {
+				continue // a file copy exists; keep it
+			}
+			s.index[r.d] = &diskEntry{d: r.d, pack: p, off: r.off}
+		}
+	}
+	// Packs must stay in id order (eviction is oldest first).
+	sort.Slice(s.packs, func(i, j int) bool { return s.packs[i].id < s.packs[j].id })
+	var next uint64 = 1
+	if n := len(s.packs); n > 0 {
+		next = s.packs[n-1].id + 1
+	}
+	p, err := s.createPack(next)
+	if err != nil {
+		return fmt.Errorf("disk store: %w", err)
+	}
+	s.packs = append(s.packs, p)
 	s.evict()
 	return nil
 }
@@ -169,20 +270,54 @@ func parseBlobName(fn digest.Function, name string) (digest.Digest, bool) {
 	return d, err == nil
 }
 
-// lookup reports whether d is indexed, marking it used.
-func (s *disk) lookup(d digest.Digest) bool {
-	s.mu.Lock()
-	e, ok := s.index[d]
-	if ok {
-		s.lru.MoveToFront(e)
-	}
-	s.mu.Unlock()
-	return ok
-}
-
 func (s *disk) stripe(d digest.Digest) *sync.Mutex {
 	h := d.Hash()
 	return &s.stripes[h[0]%uint8(len(s.stripes))]
+}
+
+// touchLocked marks e used and reports whether it is a pack record old
+// enough to be refreshed (copied into the current pack).
+func (s *disk) touchLocked(e *diskEntry) bool {
+	s.clock++
+	if e.elem != nil {
+		e.lastUse = s.clock
+		s.lru.MoveToFront(e.elem)
+		return false
+	}
+	// Refresh records in the oldest quarter of the packs.
+	n := len(s.packs)
+	return n >= 4 && e.pack.id < s.packs[n/4].id
+}
+
+// lookup returns the entry of d, marking it used.
+func (s *disk) lookup(d digest.Digest) (diskEntry, bool) {
+	s.mu.Lock()
+	e, ok := s.index[d]
+	var refresh bool
+	var cp diskEntry
+	if ok {
+		refresh = s.touchLocked(e)
+		cp = *e
+	}
+	s.mu.Unlock()
+	if refresh {
+		s.refresh([]diskEntry{cp})
+	}
+	return cp, ok
+}
+
+// refresh copies pack records into the current pack so that evicting
+// their old pack does not lose them.
+func (s *disk) refresh(es []diskEntry) {
+	for _, e := range es {
+		data, err := s.readRecord(e.pack, e.off, e.d)
+		if err != nil {
+			continue
+		}
+		if err := s.putPacked(e.d, data); err != nil {
+			s.opts.Logger.Debug("disk store: refresh failed", "digest", e.d.Sprint(), "err", err)
+		}
+	}
 }
 
 // forget drops d from the index and removes its file.
@@ -191,38 +326,60 @@ func (s *disk) forget(d digest.Digest) {
 	st.Lock()
 	defer st.Unlock()
 	s.mu.Lock()
-	if e, ok := s.index[d]; ok {
-		s.lru.Remove(e)
-		delete(s.index, d)
-		s.size -= e.Value.(*diskEntry).size
+	e, ok := s.index[d]
+	if ok {
+		s.removeLocked(e)
 	}
 	s.mu.Unlock()
-	os.Remove(s.path(d))
+	if ok && e.elem != nil {
+		os.Remove(s.path(d))
+	}
+}
+
+func (s *disk) removeLocked(e *diskEntry) {
+	delete(s.index, e.d)
+	if e.elem != nil {
+		s.lru.Remove(e.elem)
+		s.size -= e.size
+	}
 }
 
 // removeEvicted removes the files of evicted blobs, unless a concurrent Put
-// has stored the blob again since.
-func (s *disk) removeEvicted(victims []digest.Digest) {
-	for _, v := range victims {
+// has stored the blob again since, and the files of evicted packs.
+func (s *disk) removeEvicted(files []digest.Digest, packs []*pack) {
+	for _, v := range files {
 		st := s.stripe(v)
 		st.Lock()
 		s.mu.Lock()
-		_, back := s.index[v]
+		e, back := s.index[v]
+		back = back && e.elem != nil
 		s.mu.Unlock()
 		if !back {
 			os.Remove(s.path(v))
 		}
 		st.Unlock()
 	}
+	for _, p := range packs {
+		os.Remove(p.f.Name())
+		p.f.Close()
+	}
 }
 
 func (s *disk) Get(ctx context.Context, d digest.Digest) (io.ReadCloser, error) {
-	if !s.lookup(d) {
+	e, ok := s.lookup(d)
+	if !ok {
 		return nil, NotFound(s.kind, d)
+	}
+	if e.pack != nil {
+		data, err := s.readRecord(e.pack, e.off, d)
+		if err != nil {
+			return nil, err
+		}
+		return newBytesReadCloser(data), nil
 	}
 	f, err := os.Open(s.path(d))
 	if errors.Is(err, fs.ErrNotExist) {
-		s.forget(d)
+		s.forgetEntry(d, e)
 		return nil, NotFound(s.kind, d)
 	} else if err != nil {
 		return nil, ioError(err, "read blob %s", d)
@@ -264,6 +421,15 @@ func (s *disk) Get(ctx context.Context, d digest.Digest) (io.ReadCloser, error) 
 	return f, nil
 }
 
+// forgetEntry drops d from the index if it is still the file entry e.
+func (s *disk) forgetEntry(d digest.Digest, e diskEntry) {
+	s.mu.Lock()
+	if cur, ok := s.index[d]; ok && cur.elem == e.elem {
+		s.removeLocked(cur)
+	}
+	s.mu.Unlock()
+}
+
 // corrupt removes a blob whose contents do not match its digest.
 func (s *disk) corrupt(d digest.Digest, why string) {
 	s.opts.Logger.Error("disk store: removing corrupt blob", "digest", d.Sprint(), "reason", why)
@@ -281,11 +447,9 @@ type verifiedFile struct {
 
 func (v *verifiedFile) Read(p []byte) (int, error) {
 	n, err := v.r.Read(p)
-	if err != nil && err != io.EOF {
-		if status.Code(err) == codes.InvalidArgument {
-			v.s.corrupt(v.d, status.Convert(err).Message())
-			return n, status.Errorf(codes.DataLoss, "blob %s is corrupt on disk and was removed", v.d)
-		}
+	if err != nil && err != io.EOF && status.Code(err) == codes.InvalidArgument {
+		v.s.corrupt(v.d, status.Convert(err).Message())
+		return n, status.Errorf(codes.DataLoss, "blob %s is corrupt on disk and was removed", v.d)
 	}
 	return n, err
 }
@@ -297,11 +461,80 @@ func (s *disk) Put(ctx context.Context, d digest.Digest, r io.Reader) error {
 		if d.Size() > s.opts.MaxSize {
 			return status.Errorf(codes.ResourceExhausted, "blob %s is larger than the disk store (%d bytes)", d, s.opts.MaxSize)
 		}
-		if s.lookup(d) {
+		if _, ok := s.lookup(d); ok {
 			// Already stored; the caller's data need not be read.
 			return nil
 		}
+		if d.Size() < s.opts.PackBelow {
+			data, err := s.kind.readAll(d, r)
+			if err != nil {
+				return err
+			}
+			return s.putPacked(d, data)
+		}
 	}
+	return s.putFile(d, r)
+}
+
+// putPacked appends a verified small blob to the current pack.
+func (s *disk) putPacked(d digest.Digest, data []byte) error {
+	rec := encodeRecord(d, data)
+	s.packMu.Lock()
+	s.mu.Lock()
+	p := s.packs[len(s.packs)-1]
+	s.mu.Unlock()
+	off := p.size
+	if _, err := p.f.WriteAt(rec, off); err != nil {
+		s.packMu.Unlock()
+		return ioError(err, "write blob %s", d)
+	}
+	var sealed *pack
+	if off+int64(len(rec)) >= s.opts.PackSize {
+		np, err := s.createPack(p.id + 1)
+		if err != nil {
+			s.packMu.Unlock()
+			return ioError(err, "write blob %s: new pack", d)
+		}
+		sealed = p
+		s.mu.Lock()
+		s.clock++
+		p.sealed = s.clock
+		s.packs = append(s.packs, np)
+		s.mu.Unlock()
+	}
+	s.mu.Lock()
+	p.size = off + int64(len(rec))
+	s.size += int64(len(rec))
+	s.mu.Unlock()
+	s.packMu.Unlock()
+	if s.opts.Fsync {
+		if err := p.f.Sync(); err != nil {
+			return ioError(err, "write blob %s", d)
+		}
+		if sealed != nil {
+			syncDir(s.packDir())
+		}
+	}
+	s.mu.Lock()
+	if p.gone {
+		// The store is so small that the pack was evicted at once.
+		s.mu.Unlock()
+		return status.Errorf(codes.ResourceExhausted, "blob %s: the disk store is too small for its write rate", d)
+	}
+	p.digests = append(p.digests, d)
+	if old, ok := s.index[d]; ok {
+		s.removeLocked(old)
+	}
+	s.clock++
+	s.index[d] = &diskEntry{d: d, pack: p, off: off + packHeaderLen, lastUse: s.clock}
+	files, packs := s.evictLocked()
+	s.mu.Unlock()
+	s.removeEvicted(files, packs)
+	return nil
+}
+
+// putFile writes a blob to its own file.
+func (s *disk) putFile(d digest.Digest, r io.Reader) error {
 	f, err := os.CreateTemp(s.tmpDir(), "put-")
 	if err != nil {
 		return ioError(err, "write blob %s", d)
@@ -324,19 +557,18 @@ func (s *disk) Put(ctx context.Context, d digest.Digest, r io.Reader) error {
 		return ioError(err, "write blob %s", d)
 	}
 	s.mu.Lock()
-	if e, ok := s.index[d]; ok {
-		ent := e.Value.(*diskEntry)
-		s.size += n - ent.size
-		ent.size = n
-		s.lru.MoveToFront(e)
-	} else {
-		s.index[d] = s.lru.PushFront(&diskEntry{d: d, size: n})
-		s.size += n
+	if old, ok := s.index[d]; ok {
+		s.removeLocked(old)
 	}
-	victims := s.evictLocked()
+	s.clock++
+	e := &diskEntry{d: d, size: n, lastUse: s.clock}
+	e.elem = s.lru.PushFront(e)
+	s.index[d] = e
+	s.size += n
+	files, packs := s.evictLocked()
 	s.mu.Unlock()
 	st.Unlock()
-	s.removeEvicted(victims)
+	s.removeEvicted(files, packs)
 	if s.opts.Fsync {
 		if err := syncDir(filepath.Dir(dst)); err != nil {
 			return ioError(err, "write blob %s", d)
@@ -379,36 +611,64 @@ func (s *disk) write(f *os.File, d digest.Digest, r io.Reader) (int64, error) {
 
 func (s *disk) evict() {
 	s.mu.Lock()
-	victims := s.evictLocked()
+	files, packs := s.evictLocked()
 	s.mu.Unlock()
-	s.removeEvicted(victims)
+	s.removeEvicted(files, packs)
 }
 
-// evictLocked removes least recently used entries from the index until the
-// store fits and returns them; the caller removes their files.
-func (s *disk) evictLocked() []digest.Digest {
-	var victims []digest.Digest
-	for s.size > s.opts.MaxSize && s.lru.Len() > 1 {
-		e := s.lru.Back()
-		ent := e.Value.(*diskEntry)
-		s.lru.Remove(e)
-		delete(s.index, ent.d)
-		s.size -= ent.size
-		victims = append(victims, ent.d)
+// evictLocked evicts until the store fits: each step removes whichever was
+// used least recently, the least recently used file or the oldest sealed
+// pack (with all its records). It returns what the caller must delete.
+func (s *disk) evictLocked() ([]digest.Digest, []*pack) {
+	var files []digest.Digest
+	var packs []*pack
+	for s.size > s.opts.MaxSize {
+		var fe *diskEntry
+		if b := s.lru.Back(); b != nil && s.lru.Len() > 1 {
+			fe = b.Value.(*diskEntry)
+		}
+		var op *pack
+		if len(s.packs) > 1 {
+			op = s.packs[0]
+		}
+		switch {
+		case op != nil && (fe == nil || op.sealed < fe.lastUse):
+			s.packs = s.packs[1:]
+			op.gone = true
+			s.size -= op.size
+			for _, d := range op.digests {
+				if e, ok := s.index[d]; ok && e.pack == op {
+					delete(s.index, d)
+				}
+			}
+			op.digests = nil
+			packs = append(packs, op)
+		case fe != nil:
+			s.removeLocked(fe)
+			files = append(files, fe.d)
+		default:
+			return files, packs
+		}
 	}
-	return victims
+	return files, packs
 }
 
 func (s *disk) FindMissing(ctx context.Context, ds []digest.Digest) ([]digest.Digest, error) {
 	var missing []digest.Digest
+	var refresh []diskEntry
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	for _, d := range ds {
 		if e, ok := s.index[d]; ok {
-			s.lru.MoveToFront(e)
+			if s.touchLocked(e) {
+				refresh = append(refresh, *e)
+			}
 		} else {
 			missing = append(missing, d)
 		}
+	}
+	s.mu.Unlock()
+	if len(refresh) > 0 {
+		s.refresh(refresh)
 	}
 	return missing, nil
 }
@@ -428,4 +688,3 @@ func syncDir(dir string) error {
 	defer f.Close()
 	return f.Sync()
 }
-

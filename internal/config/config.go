@@ -72,6 +72,11 @@ type Disk struct {
 	VerifyBelow *Size `yaml:"verify_below"`
 	// VerifySampleRate is the fraction of reads of larger blobs hashed.
 	VerifySampleRate *float64 `yaml:"verify_sample_rate"`
+	// PackBelow: blobs smaller than this are appended to pack files rather
+	// than stored as a file each (default 64KiB; 0B disables packing).
+	PackBelow *Size `yaml:"pack_below"`
+	// PackSize is the size of each pack file (default 64MiB).
+	PackSize Size `yaml:"pack_size"`
 }
 
 // Memory keeps blobs in memory.

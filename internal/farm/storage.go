@@ -15,6 +15,7 @@ import (
 const (
 	defaultVerifyBelow      = 1 << 20
 	defaultVerifySampleRate = 0.01
+	defaultPackBelow        = 64 << 10
 )
 
 // NewBackend builds the storage stack a config.Backend describes, for kind.
@@ -33,7 +34,12 @@ func NewBackend(kind blobstore.Kind, b config.Backend, dataDir string, log *slog
 			Fsync:            d.Fsync,
 			VerifyBelow:      defaultVerifyBelow,
 			VerifySampleRate: defaultVerifySampleRate,
+			PackBelow:        defaultPackBelow,
+			PackSize:         int64(d.PackSize),
 			Logger:           log,
+		}
+		if d.PackBelow != nil {
+			opts.PackBelow = int64(*d.PackBelow)
 		}
 		if d.VerifyBelow != nil {
 			opts.VerifyBelow = int64(*d.VerifyBelow)

@@ -1,0 +1,162 @@
+package blobstore
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+
+	"tvixfarm/cas/digest"
+)
+
+// Small CAS blobs are appended to pack files rather than stored as a file
+// each: creating, writing and renaming a file costs tens of microseconds,
+// appending a record one write(2). A pack is a sequence of records:
+//
+//	magic   [4]byte "TFP1"
+//	fn      uint8   digest function
+//	_       [3]byte zero
+//	size    uint32  data length
+//	hash    [32]byte
+//	crc     uint32  CRC-32C of the 44 bytes above
+//	data    [size]byte
+//
+// Packs are filled one at a time and evicted whole, oldest first; a blob
+// that is used while its pack is among the oldest is copied into the
+// current pack ("refreshed"), which makes eviction LRU-like, as in
+// Buildbarn's local blob access. A crash can only tear the last record of
+// the current pack; opening the store truncates it away. Record data is
+// verified against its digest on every read.
+
+const (
+	packMagic     = "TFP1"
+	packHeaderLen = 48
+)
+
+var crcTable = crc32.MakeTable(crc32.Castagnoli)
+
+// pack is one pack file.
+type pack struct {
+	id      uint64
+	f       *os.File
+	size    int64           // bytes written
+	digests []digest.Digest // records, in order, for removal from the index
+	sealed  uint64          // use clock when the pack stopped taking writes; 0 while current
+	gone    bool            // evicted
+}
+
+func packName(id uint64) string { return fmt.Sprintf("%016d.pack", id) }
+
+func encodeRecord(d digest.Digest, data []byte) []byte {
+	rec := make([]byte, packHeaderLen+len(data))
+	copy(rec, packMagic)
+	rec[4] = byte(d.Function())
+	binary.LittleEndian.PutUint32(rec[8:], uint32(len(data)))
+	h := d.Hash()
+	copy(rec[12:44], h[:])
+	binary.LittleEndian.PutUint32(rec[44:], crc32.Checksum(rec[:44], crcTable))
+	copy(rec[packHeaderLen:], data)
+	return rec
+}
+
+// decodeHeader parses a record header; ok is false for anything that is
+// not an intact header.
+func decodeHeader(h []byte) (d digest.Digest, ok bool) {
+	if len(h) < packHeaderLen || string(h[:4]) != packMagic ||
+		binary.LittleEndian.Uint32(h[44:]) != crc32.Checksum(h[:44], crcTable) {
+		return digest.Digest{}, false
+	}
+	fn := digest.Function(h[4])
+	if fn != digest.SHA256 && fn != digest.BLAKE3 {
+		return digest.Digest{}, false
+	}
+	var hash [digest.HashSize]byte
+	copy(hash[:], h[12:44])
+	return digest.New(fn, hash, int64(binary.LittleEndian.Uint32(h[8:]))), true
+}
+
+type packRecord struct {
+	d   digest.Digest
+	off int64 // of the data
+}
+
+// scanPack reads the records of a pack file and returns them with the
+// length of the intact prefix.
+func scanPack(f *os.File) ([]packRecord, int64, error) {
+	if _, err := f.Seek(0, io.SeekStart); err != nil {
+		return nil, 0, err
+	}
+	br := bufio.NewReaderSize(f, 1<<20)
+	var recs []packRecord
+	var off int64
+	hdr := make([]byte, packHeaderLen)
+	for {
+		if _, err := io.ReadFull(br, hdr); err != nil {
+			return recs, off, nil // end, or a torn header
+		}
+		d, ok := decodeHeader(hdr)
+		if !ok {
+			return recs, off, nil
+		}
+		if n, err := br.Discard(int(d.Size())); err != nil || int64(n) != d.Size() {
+			return recs, off, nil // torn data
+		}
+		recs = append(recs, packRecord{d: d, off: off + packHeaderLen})
+		off += packHeaderLen + d.Size()
+	}
+}
+
+// listPacks returns the ids of the pack files in dir, oldest first.
+func listPacks(dir string) ([]uint64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	var ids []uint64
+	for _, e := range ents {
+		name, ok := strings.CutSuffix(e.Name(), ".pack")
+		if !ok {
+			continue
+		}
+		id, err := strconv.ParseUint(name, 10, 64)
+		if err != nil {
+			continue
+		}
+		ids = append(ids, id)
+	}
+	sort.Slice(ids, func(i, j int) bool { return ids[i] < ids[j] })
+	return ids, nil
+}
+
+func (s *disk) packDir() string { return filepath.Join(s.dir, "packs") }
+
+func (s *disk) createPack(id uint64) (*pack, error) {
+	f, err := os.OpenFile(filepath.Join(s.packDir(), packName(id)), os.O_CREATE|os.O_RDWR|os.O_EXCL, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	return &pack{id: id, f: f}, nil
+}
+
+// readRecord reads and verifies the data of a packed blob.
+func (s *disk) readRecord(p *pack, off int64, d digest.Digest) ([]byte, error) {
+	buf := make([]byte, d.Size())
+	if _, err := p.f.ReadAt(buf, off); err != nil {
+		if errors.Is(err, os.ErrClosed) {
+			return nil, NotFound(s.kind, d) // evicted meanwhile
+		}
+		return nil, ioError(err, "read blob %s", d)
+	}
+	if err := d.Verify(buf); err != nil {
+		s.corrupt(d, "pack record: "+err.Error())
+		return nil, NotFound(s.kind, d)
+	}
+	return buf, nil
+}

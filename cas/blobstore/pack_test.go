@@ -1,0 +1,154 @@
+package blobstore
+
+import (
+	"context"
+	"crypto/rand"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"tvixfarm/cas/digest"
+)
+
+func newPacked(t *testing.T, dir string, max int64) *disk {
+	t.Helper()
+	ba, err := NewDisk(CAS, dir, DiskOptions{MaxSize: max, PackBelow: 64 << 10, PackSize: 64 << 10, VerifyBelow: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ba.(*disk)
+}
+
+func randomBlob(t *testing.T, fn digest.Function, n int) ([]byte, digest.Digest) {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b, digest.Compute(fn, b)
+}
+
+func mustGet(t *testing.T, ba BlobAccess, d digest.Digest) []byte {
+	t.Helper()
+	b, err := GetBytes(context.Background(), ba, d, 1<<30)
+	if err != nil {
+		t.Fatalf("get %s: %v", d, err)
+	}
+	return b
+}
+
+func TestPackRoundTripAndReopen(t *testing.T) {
+	dir := t.TempDir()
+	s := newPacked(t, dir, 1<<30)
+	ctx := context.Background()
+	var ds []digest.Digest
+	var blobs [][]byte
+	for i := 0; i < 3000; i++ {
+		b, d := randomBlob(t, digest.Functions[i%2], 1+i%200)
+		if err := PutBytes(ctx, s, d, b); err != nil {
+			t.Fatal(err)
+		}
+		ds, blobs = append(ds, d), append(blobs, b)
+	}
+	if len(s.packs) < 3 {
+		t.Fatalf("expected several packs, got %d", len(s.packs))
+	}
+	s.Close()
+	s = newPacked(t, dir, 1<<30)
+	defer s.Close()
+	missing, _ := s.FindMissing(ctx, ds)
+	if len(missing) != 0 {
+		t.Fatalf("%d blobs missing after reopen", len(missing))
+	}
+	for i, d := range ds {
+		if string(mustGet(t, s, d)) != string(blobs[i]) {
+			t.Fatalf("blob %d differs", i)
+		}
+	}
+}
+
+func TestPackTornTailTruncated(t *testing.T) {
+	dir := t.TempDir()
+	s := newPacked(t, dir, 1<<30)
+	ctx := context.Background()
+	b1, d1 := randomBlob(t, digest.SHA256, 100)
+	b2, d2 := randomBlob(t, digest.SHA256, 100)
+	PutBytes(ctx, s, d1, b1)
+	PutBytes(ctx, s, d2, b2)
+	name := s.packs[len(s.packs)-1].f.Name()
+	s.Close()
+	// Tear the second record: drop its last 10 bytes.
+	fi, _ := os.Stat(name)
+	os.Truncate(name, fi.Size()-10)
+	s = newPacked(t, dir, 1<<30)
+	defer s.Close()
+	if string(mustGet(t, s, d1)) != string(b1) {
+		t.Fatal("intact record lost")
+	}
+	if _, err := s.Get(ctx, d2); !IsNotFound(err) {
+		t.Fatalf("torn record: got %v, want NotFound", err)
+	}
+	fi, _ = os.Stat(name)
+	if fi.Size() != packHeaderLen+100 {
+		t.Fatalf("pack not truncated to its intact prefix: %d bytes", fi.Size())
+	}
+}
+
+func TestPackCorruptRecordNotServed(t *testing.T) {
+	dir := t.TempDir()
+	s := newPacked(t, dir, 1<<30)
+	defer s.Close()
+	ctx := context.Background()
+	b, d := randomBlob(t, digest.BLAKE3, 100)
+	PutBytes(ctx, s, d, b)
+	f, _ := os.OpenFile(s.packs[len(s.packs)-1].f.Name(), os.O_RDWR, 0)
+	f.WriteAt([]byte{b[0] ^ 0xff}, packHeaderLen)
+	f.Close()
+	if _, err := s.Get(ctx, d); !IsNotFound(err) {
+		t.Fatalf("corrupt record: got %v, want NotFound", err)
+	}
+	if m, _ := s.FindMissing(ctx, []digest.Digest{d}); len(m) != 1 {
+		t.Fatal("corrupt record still indexed")
+	}
+}
+
+func TestPackEvictionKeepsHotBlobs(t *testing.T) {
+	dir := t.TempDir()
+	const max = 1 << 20
+	s := newPacked(t, dir, max)
+	defer s.Close()
+	ctx := context.Background()
+	hot, hd := randomBlob(t, digest.SHA256, 1000)
+	PutBytes(ctx, s, hd, hot)
+	var first digest.Digest
+	for i := 0; i < 5000; i++ {
+		b, d := randomBlob(t, digest.SHA256, 1000)
+		if i == 0 {
+			first = d
+		}
+		if err := PutBytes(ctx, s, d, b); err != nil {
+			t.Fatal(err)
+		}
+		if i%100 == 0 {
+			if m, _ := s.FindMissing(ctx, []digest.Digest{hd}); len(m) != 0 {
+				t.Fatalf("hot blob evicted after %d writes", i)
+			}
+		}
+	}
+	if m, _ := s.FindMissing(ctx, []digest.Digest{first}); len(m) != 1 {
+		t.Fatal("cold blob was not evicted")
+	}
+	var onDisk int64
+	ents, _ := os.ReadDir(filepath.Join(dir, "packs"))
+	for _, e := range ents {
+		fi, _ := e.Info()
+		onDisk += fi.Size()
+	}
+	if onDisk > max+s.opts.PackSize {
+		t.Fatalf("packs use %d bytes, max %d", onDisk, max)
+	}
+	if string(mustGet(t, s, hd)) != string(hot) {
+		t.Fatal("hot blob corrupted")
+	}
+	_ = io.EOF
+	_ = fmt.Sprint
+}
