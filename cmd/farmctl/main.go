@@ -13,15 +13,18 @@ import (
 const usage = `usage: farmctl <command> [flags]
 
 commands:
+  status      show a farm's version, roles and storage
   bench cas   measure a REAPI CAS (any implementation): FindMissingBlobs,
               BatchUpdateBlobs, BatchReadBlobs, ByteStream write and read
 
-Run 'farmctl bench cas -h' for its flags.
+Run 'farmctl <command> -h' for its flags.
 `
 
 func main() {
 	var err error
 	switch {
+	case len(os.Args) >= 2 && os.Args[1] == "status":
+		err = statusCmd(os.Args[2:])
 	case len(os.Args) >= 3 && os.Args[1] == "bench" && os.Args[2] == "cas":
 		err = benchCAS(os.Args[3:])
 	case len(os.Args) >= 2 && (os.Args[1] == "-h" || os.Args[1] == "--help" || os.Args[1] == "help"):

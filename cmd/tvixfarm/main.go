@@ -36,7 +36,7 @@ func main() {
 	case "serve":
 		err = serve(os.Args[2:])
 	case "version":
-		fmt.Println("tvixfarm", version)
+		fmt.Println("tvixfarm", farm.Version)
 	case "-h", "-help", "--help", "help":
 		fmt.Print(usage)
 	default:
@@ -50,8 +50,6 @@ func main() {
 		os.Exit(1)
 	}
 }
-
-var version = "dev"
 
 func serve(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)

@@ -26,6 +26,7 @@ import (
 	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/grpcservers"
 	"tvixfarm/internal/config"
+	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
 )
 
 // Farm is a running tvixfarm process.
@@ -73,6 +74,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 	repb.RegisterContentAddressableStorageServer(f.srv, grpcservers.NewCASServer(stores))
 	repb.RegisterActionCacheServer(f.srv, grpcservers.NewActionCacheServer(stores))
 	bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
+	adminpb.RegisterAdminServer(f.srv, &adminServer{f: f, started: time.Now()})
 	f.health = health.NewServer()
 	healthpb.RegisterHealthServer(f.srv, f.health)
 	reflection.Register(f.srv)

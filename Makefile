@@ -1,0 +1,69 @@
+# tvixfarm: see README.md. Every target works on a fresh Debian machine once
+# .ci/run (or `make deps`) has installed the system packages.
+
+GO        ?= go
+BIN       := $(CURDIR)/bin
+PROTOC_GEN_GO_VERSION      := v1.36.11
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.1
+PROTOS    := $(shell find proto -name '*.proto')
+DATA      ?= $(CURDIR)/.demo-data
+
+.PHONY: all build test test-short bench lint proto demo deps deps-if-missing clean fuzz
+
+all: build
+
+build:
+	$(GO) build -o $(BIN)/tvixfarm ./cmd/tvixfarm
+	$(GO) build -o $(BIN)/farmctl ./cmd/farmctl
+
+# The test suite: real redis-server, real gRPC over loopback, race detector.
+# Installs the Debian packages it needs when they are missing (as root).
+test: deps-if-missing
+	TVIXFARM_REQUIRE_REDIS=1 $(GO) test -race -count=1 -timeout 20m ./...
+
+test-short:
+	$(GO) test -short -count=1 ./...
+
+# Go benchmarks of the storage backends and services.
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./cas/...
+
+# Short fuzzing runs of the parsers that face the network.
+fuzz:
+	$(GO) test ./cas/digest -run '^$$' -fuzz FuzzParseReadResourceName -fuzztime 30s
+	$(GO) test ./cas/digest -run '^$$' -fuzz FuzzParseWriteResourceName -fuzztime 30s
+	$(GO) test ./cas/digest -run '^$$' -fuzz FuzzParse -fuzztime 30s -fuzzminimizetime 100x
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+# Regenerate the Go code of our .proto files (committed, so builds need no protoc).
+proto: $(BIN)/protoc-gen-go $(BIN)/protoc-gen-go-grpc
+	@command -v protoc >/dev/null || { echo "protoc missing: apt-get install -y protobuf-compiler"; exit 1; }
+	PATH=$(BIN):$$PATH protoc -I proto \
+		--go_out=. --go_opt=module=tvixfarm \
+		--go-grpc_out=. --go-grpc_opt=module=tvixfarm \
+		$(PROTOS)
+
+$(BIN)/protoc-gen-go:
+	GOBIN=$(BIN) $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+
+$(BIN)/protoc-gen-go-grpc:
+	GOBIN=$(BIN) $(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+# The main job, on an embedded all-in-one farm: start it, show it serving
+# (capabilities, status, a CAS benchmark round trip), stop it.
+demo: build
+	./scripts/demo.sh $(DATA)
+
+# System packages the tests and `make proto` need (Debian, as root).
+deps:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server protobuf-compiler
+
+deps-if-missing:
+	@command -v redis-server >/dev/null || $(MAKE) deps
+
+clean:
+	rm -rf $(BIN) $(DATA)

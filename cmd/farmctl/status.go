@@ -1,0 +1,69 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
+)
+
+// status prints what a tvixfarm process runs and stores.
+func statusCmd(args []string) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	farm := fs.String("farm", "127.0.0.1:8980", "tvixfarm address (host:port)")
+	timeout := fs.Duration("timeout", 10*time.Second, "deadline of the status call")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	conn, err := grpc.NewClient(*farm, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	st, err := adminpb.NewAdminClient(conn).Status(ctx, &adminpb.StatusRequest{})
+	if err != nil {
+		return fmt.Errorf("status of %s: %w", *farm, err)
+	}
+	fmt.Printf("farm     %s\nversion  %s\nroles    %v\ndata     %s\nuptime   %s\n\n", *farm, st.Version, st.Roles, st.DataDir,
+		time.Since(time.Unix(st.StartedUnix, 0)).Round(time.Second))
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintf(tw, "instance\tstore\tbackend\tblobs\tbytes\tmax\n")
+	for _, s := range st.Stores {
+		inst := s.Instance
+		if inst == "" {
+			inst = "(default)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", inst, s.Kind, s.Backend, count(s.Blobs), bytesStr(s.Bytes), bytesStr(s.MaxBytes))
+	}
+	return tw.Flush()
+}
+
+func count(n int64) string {
+	if n < 0 {
+		return "?"
+	}
+	return fmt.Sprint(n)
+}
+
+func bytesStr(n int64) string {
+	switch {
+	case n < 0:
+		return "?"
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
