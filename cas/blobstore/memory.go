@@ -36,14 +36,17 @@ type memItem struct {
 func (m *memory) Get(ctx context.Context, d digest.Digest) (io.ReadCloser, error) {
 	m.mu.Lock()
 	e, ok := m.items[d]
+	var data []byte
 	if ok {
 		m.lru.MoveToFront(e)
+		// Read the slice under the lock: Put replaces it for an existing key.
+		data = e.Value.(*memItem).data
 	}
 	m.mu.Unlock()
 	if !ok {
 		return nil, NotFound(m.kind, d)
 	}
-	return newBytesReadCloser(e.Value.(*memItem).data), nil
+	return newBytesReadCloser(data), nil
 }
 
 func (m *memory) Put(ctx context.Context, d digest.Digest, r io.Reader) error {

@@ -235,7 +235,9 @@ func keyLines(n *yaml.Node, prefix string, out map[int]string) map[int]string {
 	return out
 }
 
-func (b Backend) empty() bool { return b.Disk == nil && b.Memory == nil && b.Redis == nil && b.Tiered == nil }
+func (b Backend) empty() bool {
+	return b.Disk == nil && b.Memory == nil && b.Redis == nil && b.Tiered == nil
+}
 
 // Validate checks the configuration; errors name the offending key.
 func (c *Config) Validate() error {
