@@ -54,3 +54,72 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
+
+// ChunkSource is a reader whose WriteTo hands over buffers it never
+// modifies afterwards, so they may be read after Write returns.
+type ChunkSource interface {
+	io.WriterTo
+	HandsOverChunks()
+}
+
+// WriteTo implements io.WriterTo: when the source is a ChunkSource, each
+// chunk is hashed on another goroutine while w writes it, so hashing and
+// storing overlap. The result
+// is verified as by Read: on a mismatch WriteTo returns an INVALID_ARGUMENT
+// error after w has seen all the data, and the caller must discard it.
+func (v *verifyingReader) WriteTo(w io.Writer) (int64, error) {
+	wt, ok := v.r.(ChunkSource)
+	if !ok || v.err != nil || v.n != 0 {
+		return io.CopyBuffer(w, readerOnly{v}, make([]byte, 256<<10))
+	}
+	chunks := make(chan []byte, 4)
+	hashed := make(chan struct{})
+	go func() {
+		defer close(hashed)
+		for c := range chunks {
+			v.h.Write(c)
+		}
+	}()
+	tw := &teeHashWriter{w: w, chunks: chunks, limit: v.d.size}
+	n, err := wt.WriteTo(tw)
+	close(chunks)
+	<-hashed
+	v.n = tw.n
+	if err != nil {
+		v.err = err
+		return n, err
+	}
+	if v.n != v.d.size {
+		v.err = status.Errorf(codes.InvalidArgument, "blob %s: received %d bytes, expected %d", v.d, v.n, v.d.size)
+		return n, v.err
+	}
+	got := Digest{fn: v.d.fn, size: v.n}
+	v.h.Sum(got.hash[:0])
+	if got != v.d {
+		v.err = MismatchError(v.d, got)
+		return n, v.err
+	}
+	v.err = io.EOF
+	return n, nil
+}
+
+// teeHashWriter writes chunks to w and queues them for hashing. Chunks
+// must not be modified after Write returns, which holds for sources that
+// hand over freshly received buffers.
+type teeHashWriter struct {
+	w      io.Writer
+	chunks chan<- []byte
+	n      int64
+	limit  int64
+}
+
+func (t *teeHashWriter) Write(p []byte) (int, error) {
+	if t.n+int64(len(p)) > t.limit {
+		return 0, status.Errorf(codes.InvalidArgument, "received more than %d bytes", t.limit)
+	}
+	t.chunks <- p
+	t.n += int64(len(p))
+	return t.w.Write(p)
+}
+
+type readerOnly struct{ io.Reader }

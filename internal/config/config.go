@@ -25,7 +25,8 @@ type Config struct {
 	Listen string `yaml:"listen"`
 	// Data is the directory for persistent state (flag --data).
 	Data string `yaml:"data"`
-	// MetricsListen, when set, serves Prometheus metrics over HTTP.
+	// MetricsListen, when set, serves Prometheus metrics (/metrics) and Go
+	// profiles (/debug/pprof/) over HTTP.
 	MetricsListen string `yaml:"metrics_listen"`
 	// LogLevel is one of debug, info, warn, error.
 	LogLevel string `yaml:"log_level"`
