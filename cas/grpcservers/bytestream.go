@@ -49,7 +49,22 @@ func NewByteStreamServer(ctx context.Context, stores *blobstore.Instances, idleT
 	if idleTimeout <= 0 {
 		idleTimeout = DefaultUploadIdleTimeout
 	}
-	return &ByteStreamServer{stores: stores, ctx: ctx, idleTimeout: idleTimeout, uploads: make(map[string]*upload)}
+	s := &ByteStreamServer{stores: stores, ctx: ctx, idleTimeout: idleTimeout, uploads: make(map[string]*upload)}
+	context.AfterFunc(ctx, s.abortIdle)
+	return s
+}
+
+// abortIdle abandons the uploads that wait for a resume, at shutdown.
+func (s *ByteStreamServer) abortIdle() {
+	s.mu.Lock()
+	var idle []*upload
+	for _, u := range s.uploads {
+		idle = append(idle, u)
+	}
+	s.mu.Unlock()
+	for _, u := range idle {
+		s.expire(u)
+	}
 }
 
 // Read streams a blob, or the zstd compression of a blob, from read_offset
@@ -154,7 +169,7 @@ type upload struct {
 	name       string
 	d          digest.Digest
 	compressed bool
-	pw         *io.PipeWriter
+	pw         *chunkPipe
 	done       chan struct{} // closed when Put has returned
 	err        error         // Put's result, valid once done is closed
 
@@ -179,7 +194,8 @@ func (s *ByteStreamServer) Write(stream bspb.ByteStream_WriteServer) error {
 	d := rn.Digest
 	compressed := rn.Compressor != repb.Compressor_IDENTITY
 	cas := s.stores.For(rn.Instance).CAS
-	u, err := s.attach(stream.Context(), cas, req.ResourceName, d, compressed, req.WriteOffset)
+	name := req.ResourceName
+	u, err := s.attach(stream.Context(), cas, name, d, compressed, req.WriteOffset)
 	if err != nil {
 		return err
 	}
@@ -197,7 +213,9 @@ func (s *ByteStreamServer) Write(stream bspb.ByteStream_WriteServer) error {
 			s.detach(u)
 			return status.Errorf(codes.InvalidArgument, "write_offset %d, but %d bytes are committed", req.WriteOffset, u.committed.Load())
 		}
-		if req.ResourceName != "" && req.ResourceName != u.name {
+		// Compare with the stream's name, not u.name: an upload running
+		// independently of a concurrent one of the same name has no name.
+		if req.ResourceName != "" && req.ResourceName != name {
 			s.detach(u)
 			return status.Errorf(codes.InvalidArgument, "resource name changed within one write")
 		}
@@ -245,7 +263,21 @@ func (s *ByteStreamServer) Write(stream bspb.ByteStream_WriteServer) error {
 func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess, name string, d digest.Digest, compressed bool, offset int64) (*upload, error) {
 	s.mu.Lock()
 	u := s.uploads[name]
-	if u != nil && u.mu.TryLock() {
+	locked := u != nil && u.mu.TryLock()
+	if u != nil && !locked && offset != 0 {
+		// A resume races with the end of the broken stream that fed the
+		// upload (the client may see its committed size in
+		// QueryWriteStatus first): wait for that stream to let go.
+		s.mu.Unlock()
+		locked = lockWait(ctx, &u.mu, resumeWait)
+		s.mu.Lock()
+		if locked && s.uploads[name] != u {
+			// Finished or expired meanwhile.
+			u.mu.Unlock()
+			u, locked = nil, false
+		}
+	}
+	if locked {
 		s.mu.Unlock()
 		u.idle.Stop()
 		if offset == u.committed.Load() {
@@ -253,6 +285,7 @@ func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess,
 		}
 		if offset != 0 {
 			s.detach(u)
+			u.mu.Unlock()
 			return nil, status.Errorf(codes.InvalidArgument, "write_offset %d, but %d bytes of %s are committed", offset, u.committed.Load(), name)
 		}
 		// A restart from the beginning replaces the old upload.
@@ -280,19 +313,19 @@ func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess,
 	if len(missing) == 0 && d.Size() > 0 || d.Size() == 0 && !compressed {
 		return nil, nil
 	}
-	pr, pw := io.Pipe()
+	pw := newChunkPipe()
 	u = &upload{name: name, d: d, compressed: compressed, pw: pw, done: make(chan struct{})}
 	u.mu.Lock()
 	u.idle = time.AfterFunc(s.idleTimeout, func() { s.expire(u) })
 	u.idle.Stop()
 	go func() {
 		defer close(u.done)
-		var r io.Reader = pr
+		defer pw.CloseRead()
+		var r io.Reader = pw
 		if compressed {
-			zr, err := zstd.NewReader(pr, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+			zr, err := zstd.NewReader(pw, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
 			if err != nil {
 				u.err = status.Errorf(codes.Internal, "zstd: %v", err)
-				pr.CloseWithError(u.err)
 				return
 			}
 			defer zr.Close()
@@ -304,7 +337,6 @@ func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess,
 		} else {
 			u.err = cas.Put(s.ctx, d, r)
 		}
-		pr.CloseWithError(errPutReturned)
 	}()
 	if name != "" {
 		s.mu.Lock()
@@ -315,6 +347,23 @@ func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess,
 }
 
 var errPutReturned = errors.New("upload no longer accepts data")
+
+// resumeWait bounds how long a resuming Write waits for the stream that
+// fed the upload before to let go of it.
+const resumeWait = 5 * time.Second
+
+// lockWait locks mu, waiting at most max and while ctx lasts; it reports
+// whether it locked mu.
+func lockWait(ctx context.Context, mu *sync.Mutex, max time.Duration) bool {
+	deadline := time.Now().Add(max)
+	for !mu.TryLock() {
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return true
+}
 
 // zstdErrReader reports corrupt compressed data as InvalidArgument.
 type zstdErrReader struct{ zr *zstd.Decoder }

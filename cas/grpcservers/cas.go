@@ -12,6 +12,7 @@ import (
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 
 	"tvixfarm/cas/blobstore"
@@ -95,7 +96,9 @@ func (s *CASServer) FindMissingBlobs(ctx context.Context, req *repb.FindMissingB
 func withoutEmpty(ds []digest.Digest) []digest.Digest {
 	out := ds[:0:0]
 	for _, d := range ds {
-		if d.Size() != 0 {
+		// Only the empty blob itself: a size-0 digest with another hash
+		// names a blob that cannot exist, so it is missing.
+		if d != digest.Empty(d.Function()) {
 			out = append(out, d)
 		}
 	}
@@ -152,6 +155,10 @@ func (s *CASServer) putOne(ctx context.Context, cas blobstore.BlobAccess, d dige
 	default:
 		return status.Errorf(codes.InvalidArgument, "blob %s: compressor %s is not supported", d, c)
 	}
+	if int64(len(data)) != d.Size() {
+		// Name the actual digest, as Verify does for equal sizes.
+		return digest.MismatchError(d, digest.Compute(d.Function(), data))
+	}
 	if d.Size() == 0 {
 		return d.Verify(data)
 	}
@@ -167,7 +174,8 @@ func (s *CASServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobs
 	}
 	var total int64
 	for _, pd := range req.Digests {
-		total += pd.GetSizeBytes()
+		// A (malformed) negative size must not offset the others.
+		total += max(pd.GetSizeBytes(), 0)
 	}
 	if total > MaxBatchTotalSize {
 		return nil, status.Errorf(codes.InvalidArgument, "batch asks for %d bytes, more than max_batch_total_size_bytes (%d); use ByteStream for large blobs", total, MaxBatchTotalSize)
@@ -220,9 +228,16 @@ func readSmall(ctx context.Context, cas blobstore.BlobAccess, d digest.Digest) (
 	return blobstore.GetBytes(ctx, cas, d, MaxBatchTotalSize)
 }
 
-// GetTree returns the Directory tree under a root, breadth first, in pages.
-// The page token is the position of the page's first directory in that
-// order. Directories missing from the CAS are omitted, as REAPI allows.
+// maxTreePageBytes bounds the encoded size of one GetTreeResponse, so that
+// pages fit gRPC's default 4 MiB receive limit.
+const maxTreePageBytes = 4<<20 - 1<<10
+
+// GetTree streams the Directory tree under a root, breadth first, in pages
+// of at most page_size directories and maxTreePageBytes bytes. Every page
+// but the last carries a page token, the position of the next page's first
+// directory in that order; a request with a token streams the tree from
+// there. Directories missing from the CAS are omitted, as REAPI allows; a
+// missing root is NotFound.
 func (s *CASServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
 	ctx := stream.Context()
 	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
@@ -249,15 +264,23 @@ func (s *CASServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddress
 	seen := map[digest.Digest]bool{root: true}
 	var page []*repb.Directory
 	pageBytes := 0
+	// flush sends the page; next is the position that follows it.
+	flush := func(next int) error {
+		err := stream.Send(&repb.GetTreeResponse{Directories: page, NextPageToken: strconv.Itoa(next)})
+		page, pageBytes = nil, 0
+		return err
+	}
 	for i := 0; i < len(queue); i++ {
-		if i >= start && (len(page) == pageSize || pageBytes > MaxBatchTotalSize) {
-			if err := stream.Send(&repb.GetTreeResponse{Directories: page, NextPageToken: strconv.Itoa(i)}); err != nil {
+		if i >= start && len(page) == pageSize {
+			if err := flush(i); err != nil {
 				return err
 			}
-			return nil
 		}
 		data, err := readSmall(ctx, cas, queue[i])
 		if blobstore.IsNotFound(err) {
+			if i == 0 {
+				return status.Errorf(codes.NotFound, "root directory %s is not in the CAS", root)
+			}
 			continue
 		} else if err != nil {
 			return err
@@ -277,8 +300,14 @@ func (s *CASServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddress
 			}
 		}
 		if i >= start {
+			size := protowire.SizeTag(1) + protowire.SizeBytes(len(data))
+			if len(page) > 0 && pageBytes+size > maxTreePageBytes {
+				if err := flush(i); err != nil {
+					return err
+				}
+			}
 			page = append(page, dir)
-			pageBytes += len(data)
+			pageBytes += size
 		}
 	}
 	return stream.Send(&repb.GetTreeResponse{Directories: page})
