@@ -91,7 +91,10 @@ func NewStores(s config.Storage, dataDir string, log *slog.Logger, closers *[]io
 		if err != nil {
 			return blobstore.Stores{}, fmt.Errorf("action cache: %w", err)
 		}
-		return blobstore.Stores{CAS: c, AC: a}, nil
+		return blobstore.Stores{
+			CAS: blobstore.NewMetricsBlobAccess(c, "cas"),
+			AC:  blobstore.NewMetricsBlobAccess(a, "action_cache"),
+		}, nil
 	}
 	def, err := build(s.CAS, s.ActionCache)
 	if err != nil {
