@@ -67,8 +67,9 @@ func (s *ByteStreamServer) abortIdle() {
 	}
 }
 
-// Read streams a blob, or the zstd compression of a blob, from read_offset
-// for at most read_limit bytes.
+// Read streams a blob from read_offset for at most read_limit bytes, or
+// the zstd compression of the blob from read_offset (which counts
+// uncompressed bytes, as REAPI specifies; compressed reads take no limit).
 func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_ReadServer) error {
 	rn, err := digest.ParseReadResourceName(req.ResourceName)
 	if err != nil {
@@ -81,7 +82,12 @@ func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_Re
 		return status.Errorf(codes.InvalidArgument, "negative read_limit %d", req.ReadLimit)
 	}
 	d := rn.Digest
-	if rn.Compressor == repb.Compressor_IDENTITY && req.ReadOffset > d.Size() {
+	// For compressed-blobs, REAPI has read_offset count uncompressed bytes
+	// and forbids a read_limit.
+	if rn.Compressor != repb.Compressor_IDENTITY && req.ReadLimit != 0 {
+		return status.Errorf(codes.InvalidArgument, "read_limit %d: compressed reads cannot be limited", req.ReadLimit)
+	}
+	if req.ReadOffset > d.Size() {
 		return status.Errorf(codes.OutOfRange, "read_offset %d is beyond the end of blob %s", req.ReadOffset, d)
 	}
 	var rc io.ReadCloser
@@ -98,13 +104,24 @@ func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_Re
 	}
 	defer rc.Close()
 	var r io.Reader = rc
+	if req.ReadOffset > 0 {
+		if sk, ok := r.(io.Seeker); ok {
+			_, err = sk.Seek(req.ReadOffset, io.SeekStart)
+		} else {
+			_, err = io.CopyN(io.Discard, r, req.ReadOffset)
+		}
+		if err != nil {
+			return readError(d, err)
+		}
+	}
 	if rn.Compressor == repb.Compressor_ZSTD {
+		src := r
 		pr, pw := io.Pipe()
 		defer pr.Close()
 		go func() {
 			zw, err := zstd.NewWriter(pw, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1), zstd.WithLowerEncoderMem(true))
 			if err == nil {
-				_, err = io.Copy(zw, rc)
+				_, err = io.Copy(zw, src)
 				if cerr := zw.Close(); err == nil {
 					err = cerr
 				}
@@ -112,22 +129,6 @@ func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_Re
 			pw.CloseWithError(err)
 		}()
 		r = pr
-	}
-	if req.ReadOffset > 0 {
-		if sk, ok := r.(io.Seeker); ok && rn.Compressor == repb.Compressor_IDENTITY {
-			_, err = sk.Seek(req.ReadOffset, io.SeekStart)
-		} else {
-			var n int64
-			n, err = io.CopyN(io.Discard, r, req.ReadOffset)
-			if err == io.EOF && n == req.ReadOffset {
-				err = nil
-			} else if err == io.EOF {
-				return status.Errorf(codes.OutOfRange, "read_offset %d is beyond the end of the compressed blob", req.ReadOffset)
-			}
-		}
-		if err != nil {
-			return readError(d, err)
-		}
 	}
 	if req.ReadLimit > 0 {
 		r = io.LimitReader(r, req.ReadLimit)
