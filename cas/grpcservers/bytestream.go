@@ -299,9 +299,6 @@ func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess,
 		name = ""
 	}
 	s.mu.Unlock()
-	if offset != 0 {
-		return nil, status.Errorf(codes.InvalidArgument, "write_offset %d for an upload that has not started (or has expired); query the write status and restart from 0", offset)
-	}
 	if d.Size() == 0 {
 		if d != digest.Empty(d.Function()) {
 			return nil, digest.MismatchError(d, digest.Empty(d.Function()))
@@ -311,8 +308,13 @@ func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess,
 	if err != nil {
 		return nil, err
 	}
+	// A stored blob ends the write at once, whatever offset a (resuming)
+	// client starts at.
 	if len(missing) == 0 && d.Size() > 0 || d.Size() == 0 && !compressed {
 		return nil, nil
+	}
+	if offset != 0 {
+		return nil, status.Errorf(codes.InvalidArgument, "write_offset %d for an upload that has not started (or has expired); query the write status and restart from 0", offset)
 	}
 	pw := newChunkPipe()
 	u = &upload{name: name, d: d, compressed: compressed, pw: pw, done: make(chan struct{})}
