@@ -86,7 +86,10 @@ func (k Kind) readAll(d digest.Digest, r io.Reader) ([]byte, error) {
 	}
 	var buf bytes.Buffer
 	if k == CAS {
-		buf.Grow(int(min(d.Size(), 64<<20)))
+		// ReadFrom wants MinRead bytes of room before each read, also the
+		// one that returns io.EOF; without them a full buffer is doubled
+		// (and the copy kept by the memory store) just to see io.EOF.
+		buf.Grow(int(min(d.Size(), 64<<20)) + bytes.MinRead)
 	}
 	if _, err := buf.ReadFrom(k.checkPut(d, r)); err != nil {
 		return nil, err

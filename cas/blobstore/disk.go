@@ -485,6 +485,9 @@ func (s *disk) putPacked(d digest.Digest, data []byte) error {
 	s.mu.Unlock()
 	off := p.size
 	if _, err := p.f.WriteAt(rec, off); err != nil {
+		// Drop the partial record: on a full disk it would keep holding
+		// the space it got until the store is reopened.
+		p.f.Truncate(off)
 		s.packMu.Unlock()
 		return ioError(err, "write blob %s", d)
 	}
@@ -540,6 +543,15 @@ func (s *disk) putFile(d digest.Digest, r io.Reader) error {
 		return ioError(err, "write blob %s", d)
 	}
 	tmp := f.Name()
+	if s.kind == CAS && d.Size() >= 1<<20 {
+		// Reserve the space up front: a full disk fails before any data
+		// is received, and extent allocation is cheaper in one piece.
+		if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_KEEP_SIZE, 0, d.Size()); err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+			f.Close()
+			os.Remove(tmp)
+			return ioError(err, "write blob %s", d)
+		}
+	}
 	n, err := s.write(f, d, r)
 	if cerr := f.Close(); err == nil && cerr != nil {
 		err = ioError(cerr, "write blob %s", d)

@@ -35,15 +35,32 @@ func init() {
 // operation, labelled with name (for example "cas" or "action_cache"), so
 // operators can see latency, throughput and hit rates per store.
 func NewMetricsBlobAccess(base BlobAccess, name string) BlobAccess {
-	return &metricsBlobAccess{BlobAccess: base, name: name}
+	m := &metricsBlobAccess{BlobAccess: base, name: name, ok: map[string]prometheus.Observer{}}
+	for _, op := range []string{"get", "put", "find_missing"} {
+		m.ok[op] = opSeconds.WithLabelValues(name, op, "OK")
+	}
+	m.getBytes = opBytes.WithLabelValues(name, "get")
+	m.putBytes = opBytes.WithLabelValues(name, "put")
+	m.missing = findMissing.WithLabelValues(name, "missing")
+	m.present = findMissing.WithLabelValues(name, "present")
+	return m
 }
 
 type metricsBlobAccess struct {
 	BlobAccess
 	name string
+	// Label lookups are done once: they cost more than the operations on
+	// small blobs.
+	ok                 map[string]prometheus.Observer
+	getBytes, putBytes prometheus.Counter
+	missing, present   prometheus.Counter
 }
 
 func (m *metricsBlobAccess) observe(op string, start time.Time, err error) {
+	if err == nil {
+		m.ok[op].Observe(time.Since(start).Seconds())
+		return
+	}
 	opSeconds.WithLabelValues(m.name, op, status.Code(err).String()).Observe(time.Since(start).Seconds())
 }
 
@@ -52,7 +69,7 @@ func (m *metricsBlobAccess) Get(ctx context.Context, d digest.Digest) (io.ReadCl
 	rc, err := m.BlobAccess.Get(ctx, d)
 	m.observe("get", start, err)
 	if err == nil {
-		opBytes.WithLabelValues(m.name, "get").Add(float64(d.Size()))
+		m.getBytes.Add(float64(d.Size()))
 	}
 	return rc, err
 }
@@ -61,7 +78,7 @@ func (m *metricsBlobAccess) Put(ctx context.Context, d digest.Digest, r io.Reade
 	start := time.Now()
 	err := m.BlobAccess.Put(ctx, d, r)
 	m.observe("put", start, err)
-	opBytes.WithLabelValues(m.name, "put").Add(float64(d.Size()))
+	m.putBytes.Add(float64(d.Size()))
 	return err
 }
 
@@ -70,8 +87,8 @@ func (m *metricsBlobAccess) FindMissing(ctx context.Context, ds []digest.Digest)
 	missing, err := m.BlobAccess.FindMissing(ctx, ds)
 	m.observe("find_missing", start, err)
 	if err == nil {
-		findMissing.WithLabelValues(m.name, "missing").Add(float64(len(missing)))
-		findMissing.WithLabelValues(m.name, "present").Add(float64(len(ds) - len(missing)))
+		m.missing.Add(float64(len(missing)))
+		m.present.Add(float64(len(ds) - len(missing)))
 	}
 	return missing, err
 }

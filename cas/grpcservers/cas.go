@@ -5,10 +5,10 @@ import (
 	"context"
 	"strconv"
 	"sync"
+	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/klauspost/compress/zstd"
-	"golang.org/x/sync/errgroup"
 	spb "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -20,7 +20,35 @@ import (
 )
 
 // batchParallelism bounds the concurrent store operations of one batch.
-const batchParallelism = 16
+// Most are a few microseconds (pack files, memory), some wait for the disk
+// or the network (files, Redis): a few workers cover both.
+const batchParallelism = 8
+
+// parallelFor calls f(0) ... f(n-1) on up to batchParallelism goroutines.
+// A fixed set of workers, rather than a goroutine per item, keeps the cost
+// of starting goroutines and growing their stacks out of batches of
+// thousands of small blobs.
+func parallelFor(n int, f func(i int)) {
+	workers := min(n, batchParallelism)
+	if workers <= 1 {
+		for i := 0; i < n; i++ {
+			f(i)
+		}
+		return
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	wg.Add(workers)
+	for w := 0; w < workers; w++ {
+		go func() {
+			defer wg.Done()
+			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
+				f(i)
+			}
+		}()
+	}
+	wg.Wait()
+}
 
 // maxFindMissing bounds the digests of one FindMissingBlobs request.
 const maxFindMissing = 100_000
@@ -121,22 +149,16 @@ func (s *CASServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateB
 	}
 	cas := s.stores.For(req.InstanceName).CAS
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.Requests))}
-	var g errgroup.Group
-	g.SetLimit(batchParallelism)
-	for i, r := range req.Requests {
+	parallelFor(len(req.Requests), func(i int) {
+		r := req.Requests[i]
 		out := &repb.BatchUpdateBlobsResponse_Response{Digest: r.Digest}
 		resp.Responses[i] = out
 		d, err := digest.FromProto(fn, r.Digest)
-		if err != nil {
-			out.Status = statusProto(err)
-			continue
+		if err == nil {
+			err = s.putOne(ctx, cas, d, r.Compressor, r.Data)
 		}
-		g.Go(func() error {
-			out.Status = statusProto(s.putOne(ctx, cas, d, r.Compressor, r.Data))
-			return nil
-		})
-	}
-	g.Wait()
+		out.Status = statusProto(err)
+	})
 	return resp, nil
 }
 
@@ -186,33 +208,28 @@ func (s *CASServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobs
 	}
 	cas := s.stores.For(req.InstanceName).CAS
 	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(req.Digests))}
-	var g errgroup.Group
-	g.SetLimit(batchParallelism)
-	for i, pd := range req.Digests {
+	parallelFor(len(req.Digests), func(i int) {
+		pd := req.Digests[i]
 		out := &repb.BatchReadBlobsResponse_Response{Digest: pd}
 		resp.Responses[i] = out
 		d, err := digest.FromProto(fn, pd)
 		if err != nil {
 			out.Status = statusProto(err)
-			continue
+			return
 		}
-		g.Go(func() error {
-			data, err := readSmall(ctx, cas, d)
-			if err != nil {
-				out.Status = statusProto(err)
-				return nil
+		data, err := readSmall(ctx, cas, d)
+		if err != nil {
+			out.Status = statusProto(err)
+			return
+		}
+		out.Data = data
+		if zstdOK && len(data) >= 512 {
+			if z := zstdEncoder.EncodeAll(data, nil); len(z) < len(data) {
+				out.Data, out.Compressor = z, repb.Compressor_ZSTD
 			}
-			out.Data = data
-			if zstdOK && len(data) >= 512 {
-				if z := zstdEncoder.EncodeAll(data, nil); len(z) < len(data) {
-					out.Data, out.Compressor = z, repb.Compressor_ZSTD
-				}
-			}
-			out.Status = &spb.Status{}
-			return nil
-		})
-	}
-	g.Wait()
+		}
+		out.Status = &spb.Status{}
+	})
 	return resp, nil
 }
 
