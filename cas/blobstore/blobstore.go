@@ -120,6 +120,7 @@ func NotFound(k Kind, d digest.Digest) error {
 func IsNotFound(err error) bool { return status.Code(err) == codes.NotFound }
 
 // GetBytes reads the whole blob d from ba. It refuses blobs larger than max.
+// The result may be the store's own copy: callers must not modify it.
 func GetBytes(ctx context.Context, ba BlobAccess, d digest.Digest, max int64) ([]byte, error) {
 	if d.Size() > max {
 		return nil, status.Errorf(codes.InvalidArgument, "blob %s is larger than %d bytes", d, max)

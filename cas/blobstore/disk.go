@@ -174,6 +174,7 @@ func (s *disk) open() error {
 			}
 			for _, e := range ents {
 				d, ok := parseBlobName(fn, e.Name())
+				ok = ok && strings.HasPrefix(e.Name(), fmt.Sprintf("%02x", i))
 				info, err := e.Info()
 				if !ok || err != nil || !info.Mode().IsRegular() || (s.kind == CAS && info.Size() != d.Size()) {
 					// Not ours, or truncated by a power loss without fsync.

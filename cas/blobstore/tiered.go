@@ -41,7 +41,7 @@ func (t *tiered) Get(ctx context.Context, d digest.Digest) (io.ReadCloser, error
 		}
 		pr.CloseWithError(io.ErrClosedPipe) // unblock the writer if Put stopped early
 	}()
-	return &teeReadCloser{rc: rc, pw: pw, done: done}, nil
+	return &teeReadCloser{rc: rc, pw: pw, done: done, size: d.Size()}, nil
 }
 
 // teeReadCloser copies what the caller reads into a pipe. Writes to the
@@ -51,10 +51,15 @@ type teeReadCloser struct {
 	pw     *io.PipeWriter
 	done   chan struct{}
 	failed bool
+	n      int64 // bytes read
+	size   int64 // the digest's size
+	eof    bool
 }
 
 func (t *teeReadCloser) Read(p []byte) (int, error) {
 	n, err := t.rc.Read(p)
+	t.n += int64(n)
+	t.eof = err == io.EOF
 	if n > 0 && !t.failed {
 		if _, werr := t.pw.Write(p[:n]); werr != nil {
 			t.failed = true
@@ -69,6 +74,14 @@ func (t *teeReadCloser) Read(p []byte) (int, error) {
 }
 
 func (t *teeReadCloser) Close() error {
+	// Callers often stop after the size they expect without reading
+	// io.EOF: if the remote has nothing more, the local copy is complete.
+	if !t.eof && t.n == t.size {
+		var b [1]byte
+		if n, err := t.rc.Read(b[:]); n == 0 && err == io.EOF {
+			t.pw.Close()
+		}
+	}
 	// A reader that stops early must not let a partial blob be stored.
 	t.pw.CloseWithError(io.ErrUnexpectedEOF)
 	<-t.done

@@ -165,3 +165,26 @@ func TestTieredAbandonedGetLeavesNoPartialBlob(t *testing.T) {
 		})
 	}
 }
+
+func TestTieredFillsLocalWithoutReadingEOF(t *testing.T) {
+	ctx := context.Background()
+	local := blobstore.NewMemory(blobstore.CAS, 1<<20)
+	remote := blobstore.NewMemory(blobstore.CAS, 1<<20)
+	data := []byte("read exactly the size, then close")
+	d := digest.Compute(digest.SHA256, data)
+	if err := blobstore.PutBytes(ctx, remote, d, data); err != nil {
+		t.Fatal(err)
+	}
+	rc, err := blobstore.NewTiered(local, remote).Get(ctx, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, len(data))
+	if _, err := io.ReadFull(rc, buf); err != nil {
+		t.Fatal(err)
+	}
+	rc.Close()
+	if m, _ := local.FindMissing(ctx, []digest.Digest{d}); len(m) != 0 {
+		t.Fatal("local store not filled by a reader that stopped at the size")
+	}
+}
