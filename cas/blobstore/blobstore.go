@@ -36,8 +36,8 @@ type BlobAccess interface {
 	// after r has returned io.EOF and, for CAS backends, its bytes have been
 	// verified against d; on any error nothing is stored.
 	Put(ctx context.Context, d digest.Digest, r io.Reader) error
-	// FindMissing returns the digests in ds that are not stored. Finding a
-	// blob extends its lifetime, as REAPI requires.
+	// FindMissing returns the digests in ds that are not stored, in the
+	// order of ds. Finding a blob extends its lifetime, as REAPI requires.
 	FindMissing(ctx context.Context, ds []digest.Digest) ([]digest.Digest, error)
 }
 

@@ -136,6 +136,20 @@ func Empty(fn Function) Digest {
 	return Compute(fn, nil)
 }
 
+// unhex maps lowercase hex digits to their value and every other byte to 0xff.
+var unhex = func() (t [256]byte) {
+	for i := range t {
+		t[i] = 0xff
+	}
+	for c := '0'; c <= '9'; c++ {
+		t[c] = byte(c - '0')
+	}
+	for c := 'a'; c <= 'f'; c++ {
+		t[c] = byte(c - 'a' + 10)
+	}
+	return t
+}()
+
 // Parse validates a hex hash and size for fn.
 func Parse(fn Function, hexHash string, size int64) (Digest, error) {
 	if fn != SHA256 && fn != BLAKE3 {
@@ -145,14 +159,16 @@ func Parse(fn Function, hexHash string, size int64) (Digest, error) {
 		return Digest{}, status.Errorf(codes.InvalidArgument, "digest hash %q has length %d, %s needs %d hex digits", truncate(hexHash), len(hexHash), fn, 2*HashSize)
 	}
 	d := Digest{fn: fn, size: size}
-	for i := 0; i < len(hexHash); i++ {
-		c := hexHash[i]
-		if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
-			return Digest{}, status.Errorf(codes.InvalidArgument, "digest hash %q is not lowercase hex (byte %d is %q)", truncate(hexHash), i, c)
+	for i := 0; i < HashSize; i++ {
+		hi, lo := unhex[hexHash[2*i]], unhex[hexHash[2*i+1]]
+		if hi|lo > 0x0f {
+			j := 2 * i
+			if hi <= 0x0f {
+				j++
+			}
+			return Digest{}, status.Errorf(codes.InvalidArgument, "digest hash %q is not lowercase hex (byte %d is %q)", truncate(hexHash), j, hexHash[j])
 		}
-	}
-	if _, err := hex.Decode(d.hash[:], []byte(hexHash)); err != nil {
-		return Digest{}, status.Errorf(codes.InvalidArgument, "digest hash %q: %v", truncate(hexHash), err)
+		d.hash[i] = hi<<4 | lo
 	}
 	if size < 0 {
 		return Digest{}, status.Errorf(codes.InvalidArgument, "digest %s/%d has a negative size", hexHash, size)

@@ -3,6 +3,8 @@ package grpcservers
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -101,24 +103,62 @@ func (s *CASServer) FindMissingBlobs(ctx context.Context, req *repb.FindMissingB
 	if len(req.BlobDigests) > maxFindMissing {
 		return nil, status.Errorf(codes.InvalidArgument, "%d digests in one request; at most %d are allowed", len(req.BlobDigests), maxFindMissing)
 	}
-	ds, err := parseDigests(fn, req.BlobDigests)
+	all, err := parseDigests(fn, req.BlobDigests)
 	if err != nil {
 		return nil, err
 	}
-	ds = withoutEmpty(ds)
+	ds := withoutEmpty(all)
 	missing, err := s.stores.For(req.InstanceName).CAS.FindMissing(ctx, ds)
 	if err != nil {
 		return nil, err
 	}
+	dups := hasDuplicates(missing)
+	// Stores return the missing digests in request order, so the request's
+	// own messages can be returned rather than re-encoded.
 	resp := &repb.FindMissingBlobsResponse{MissingBlobDigests: make([]*repb.Digest, 0, len(missing))}
-	seen := make(map[digest.Digest]bool, len(missing))
-	for _, d := range missing {
-		if !seen[d] {
-			seen[d] = true
-			resp.MissingBlobDigests = append(resp.MissingBlobDigests, d.Proto())
+	var seen map[digest.Digest]bool
+	if dups {
+		seen = make(map[digest.Digest]bool, len(missing))
+	}
+	j := 0
+	for i, d := range all {
+		if j == len(missing) {
+			break
 		}
+		if d != missing[j] {
+			continue
+		}
+		j++
+		if dups {
+			if seen[d] {
+				continue
+			}
+			seen[d] = true
+		}
+		resp.MissingBlobDigests = append(resp.MissingBlobDigests, req.BlobDigests[i])
 	}
 	return resp, nil
+}
+
+// hasDuplicates reports whether ds holds a digest twice. Requests rarely
+// do, and checking costs far less than a set of all digests: compare the
+// first 8 hash bytes in a sorted copy.
+func hasDuplicates(ds []digest.Digest) bool {
+	if len(ds) < 2 {
+		return false
+	}
+	keys := make([]uint64, len(ds))
+	for i, d := range ds {
+		h := d.Hash()
+		keys[i] = binary.LittleEndian.Uint64(h[:8])
+	}
+	slices.Sort(keys)
+	for i := 1; i < len(keys); i++ {
+		if keys[i] == keys[i-1] {
+			return true // possibly; the caller then deduplicates exactly
+		}
+	}
+	return false
 }
 
 func withoutEmpty(ds []digest.Digest) []digest.Digest {
