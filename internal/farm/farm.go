@@ -67,6 +67,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 		grpc.MaxRecvMsgSize(grpcservers.MaxRecvMsgSize),
 		// Large flow-control windows: blobs are bulk transfers.
 		grpc.InitialWindowSize(16<<20), grpc.InitialConnWindowSize(16<<20),
+		grpc.WriteBufferSize(1<<20), grpc.ReadBufferSize(1<<20),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(unaryLogger(log)),
 		grpc.ChainStreamInterceptor(streamLogger(log)),
