@@ -45,6 +45,9 @@ type DiskOptions struct {
 	// PackSize is the size at which a pack file is sealed (default 64 MiB,
 	// and at most MaxSize/8).
 	PackSize int64
+	// DirectIO writes and reads CAS blobs of DirectIOMin bytes and more
+	// with O_DIRECT where the file system supports it (see directio.go).
+	DirectIO bool
 	// Logger receives warnings about corrupt blobs; nil means slog.Default.
 	Logger *slog.Logger
 }
@@ -66,6 +69,9 @@ func NewDisk(kind Kind, dir string, opts DiskOptions) (BlobAccess, error) {
 	}
 	if kind != CAS {
 		opts.PackBelow = 0 // action results are overwritten; keep them as files
+	}
+	if kind != CAS {
+		opts.DirectIO = false
 	}
 	if opts.PackSize <= 0 {
 		opts.PackSize = 64 << 20
@@ -416,11 +422,26 @@ func (s *disk) Get(ctx context.Context, d digest.Digest) (io.ReadCloser, error) 
 		}
 		return newBytesReadCloser(buf), nil
 	}
-	if s.opts.VerifySampleRate > 0 && rand.Float64() < s.opts.VerifySampleRate {
-		return &verifiedFile{f: f, r: digest.NewVerifyingReader(f, d), s: s, d: d}, nil
+	var rc io.ReadCloser = f
+	if s.opts.DirectIO && d.Size() >= DirectIOMin {
+		df, ok, err := openDirect(f.Name(), os.O_RDONLY, 0)
+		if ok {
+			f.Close()
+			rc = newDirectReader(df, d.Size())
+		} else if err != nil && errors.Is(err, fs.ErrNotExist) {
+			f.Close()
+			s.forgetEntry(d, e)
+			return nil, NotFound(s.kind, d)
+		}
 	}
-	return f, nil
+	if s.opts.VerifySampleRate > 0 && rand.Float64() < s.opts.VerifySampleRate {
+		return &verifiedFile{rc: rc, r: digest.NewVerifyingReader(rc, d), s: s, d: d}, nil
+	}
+	return rc, nil
 }
+
+// DirectIOMin is the size from which DiskOptions.DirectIO applies.
+const DirectIOMin = 1 << 20
 
 // forgetEntry drops d from the index if it is still the file entry e.
 func (s *disk) forgetEntry(d digest.Digest, e diskEntry) {
@@ -440,10 +461,10 @@ func (s *disk) corrupt(d digest.Digest, why string) {
 // verifiedFile streams a large blob while hashing it; a mismatch at the end
 // fails the read with DataLoss and removes the blob.
 type verifiedFile struct {
-	f *os.File
-	r io.Reader
-	s *disk
-	d digest.Digest
+	rc io.ReadCloser
+	r  io.Reader
+	s  *disk
+	d  digest.Digest
 }
 
 func (v *verifiedFile) Read(p []byte) (int, error) {
@@ -455,7 +476,7 @@ func (v *verifiedFile) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (v *verifiedFile) Close() error { return v.f.Close() }
+func (v *verifiedFile) Close() error { return v.rc.Close() }
 
 func (s *disk) Put(ctx context.Context, d digest.Digest, r io.Reader) error {
 	if s.kind == CAS {
@@ -539,9 +560,20 @@ func (s *disk) putPacked(d digest.Digest, data []byte) error {
 
 // putFile writes a blob to its own file.
 func (s *disk) putFile(d digest.Digest, r io.Reader) error {
-	f, err := os.CreateTemp(s.tmpDir(), "put-")
-	if err != nil {
-		return ioError(err, "write blob %s", d)
+	var f *os.File
+	direct := false
+	if s.opts.DirectIO && d.Size() >= DirectIOMin {
+		name := filepath.Join(s.tmpDir(), fmt.Sprintf("put-%016x", rand.Uint64()))
+		var err error
+		if f, direct, err = openDirect(name, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644); err != nil {
+			return ioError(err, "write blob %s", d)
+		}
+	}
+	if f == nil {
+		var err error
+		if f, err = os.CreateTemp(s.tmpDir(), "put-"); err != nil {
+			return ioError(err, "write blob %s", d)
+		}
 	}
 	tmp := f.Name()
 	if s.kind == CAS && d.Size() >= 1<<20 {
@@ -553,7 +585,7 @@ func (s *disk) putFile(d digest.Digest, r io.Reader) error {
 			return ioError(err, "write blob %s", d)
 		}
 	}
-	n, err := s.write(f, d, r)
+	n, err := s.write(f, direct, d, r)
 	if cerr := f.Close(); err == nil && cerr != nil {
 		err = ioError(cerr, "write blob %s", d)
 	}
@@ -590,11 +622,12 @@ func (s *disk) putFile(d digest.Digest, r io.Reader) error {
 	return nil
 }
 
-// write copies the verified data into f and returns its size.
-func (s *disk) write(f *os.File, d digest.Digest, r io.Reader) (int64, error) {
+// write copies the verified data into f, opened with O_DIRECT if direct,
+// and returns its size.
+func (s *disk) write(f *os.File, direct bool, d digest.Digest, r io.Reader) (int64, error) {
 	var n int64
 	var err error
-	if br, ok := r.(*bytes.Reader); ok && s.kind == CAS && br.Len() == int(d.Size()) && d.Size() <= 1<<20 {
+	if br, ok := r.(*bytes.Reader); ok && !direct && s.kind == CAS && br.Len() == int(d.Size()) && d.Size() <= 1<<20 {
 		// Batch uploads hand over small in-memory blobs: verify, then write once.
 		buf, rerr := s.kind.readAll(d, br)
 		if rerr != nil {
@@ -603,6 +636,16 @@ func (s *disk) write(f *os.File, d digest.Digest, r io.Reader) (int64, error) {
 		var wn int
 		wn, err = f.Write(buf)
 		n = int64(wn)
+	} else if direct {
+		w := newDirectWriter(f)
+		bp := copyBufPool.Get().(*[]byte)
+		n, err = io.CopyBuffer(w, s.kind.checkPut(d, r), *bp)
+		copyBufPool.Put(bp)
+		if err == nil {
+			err = w.finish()
+		} else {
+			w.release()
+		}
 	} else {
 		bp := copyBufPool.Get().(*[]byte)
 		n, err = io.CopyBuffer(writerOnly{f}, s.kind.checkPut(d, r), *bp)

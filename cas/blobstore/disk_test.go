@@ -133,6 +133,8 @@ func TestDiskConformance(t *testing.T) {
 		// Blobs up to 1 MiB + 1 byte in pack files of 4 MiB: several packs,
 		// so that reads of old records refresh them.
 		{"packed", cas, blobstore.DiskOptions{MaxSize: 1 << 30, PackBelow: 1<<20 + 2, PackSize: 4 << 20}},
+		// O_DIRECT for blobs of 1 MiB and more, sampled read verification.
+		{"direct", cas, blobstore.DiskOptions{MaxSize: 1 << 30, DirectIO: true, PackBelow: 64 << 10, VerifySampleRate: 0.5}},
 	} {
 		t.Run(cfg.name, func(t *testing.T) {
 			// The configurations are independent stores; the file system,
@@ -423,10 +425,16 @@ func TestDiskCorruptSmallBlobNotServed(t *testing.T) {
 }
 
 func TestDiskCorruptLargeBlobDataLoss(t *testing.T) {
+	for _, direct := range []bool{false, true} {
+		t.Run(fmt.Sprintf("direct=%v", direct), func(t *testing.T) { testDiskCorruptLargeBlobDataLoss(t, direct) })
+	}
+}
+
+func testDiskCorruptLargeBlobDataLoss(t *testing.T, direct bool) {
 	rng := blobstoretest.Rand(t)
 	dir := t.TempDir()
-	ba := openDisk(t, blobstore.CAS, dir, blobstore.DiskOptions{MaxSize: 1 << 30, VerifyBelow: 0, VerifySampleRate: 1})
-	const n = 4 << 20
+	ba := openDisk(t, blobstore.CAS, dir, blobstore.DiskOptions{MaxSize: 1 << 30, VerifyBelow: 0, VerifySampleRate: 1, DirectIO: direct})
+	const n = 4<<20 + 123
 	for _, off := range []int64{0, n / 2, n - 1} {
 		for _, fn := range digest.Functions {
 			b := blobstoretest.RandomBlob(rng, fn, n)

@@ -78,6 +78,9 @@ type Disk struct {
 	PackBelow *Size `yaml:"pack_below"`
 	// PackSize is the size of each pack file (default 64MiB).
 	PackSize Size `yaml:"pack_size"`
+	// DirectIO writes and reads blobs of 1 MiB and more with O_DIRECT
+	// where the file system supports it (default true).
+	DirectIO *bool `yaml:"direct_io"`
 }
 
 // Memory keeps blobs in memory.

@@ -38,6 +38,7 @@ func NewBackend(kind blobstore.Kind, b config.Backend, dataDir string, log *slog
 			PackSize:         int64(d.PackSize),
 			Logger:           log,
 		}
+		opts.DirectIO = d.DirectIO == nil || *d.DirectIO
 		if d.PackBelow != nil {
 			opts.PackBelow = int64(*d.PackBelow)
 		}
@@ -52,7 +53,7 @@ func NewBackend(kind blobstore.Kind, b config.Backend, dataDir string, log *slog
 		if err != nil {
 			return nil, err
 		}
-		log.Info("disk store opened", "kind", kind.String(), "path", path, "max_size", int64(d.MaxSize), "fsync", d.Fsync, "took", time.Since(start).Round(time.Millisecond))
+		log.Info("disk store opened", "kind", kind.String(), "path", path, "max_size", int64(d.MaxSize), "fsync", d.Fsync, "direct_io", opts.DirectIO, "took", time.Since(start).Round(time.Millisecond))
 		*closers = append(*closers, ba.(io.Closer))
 		return ba, nil
 	case b.Memory != nil:
