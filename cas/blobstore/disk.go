@@ -122,7 +122,7 @@ type diskEntry struct {
 func (s *disk) Close() error {
 	s.mu.Lock()
 	for _, p := range s.packs {
-		p.f.Close()
+		p.close()
 	}
 	s.mu.Unlock()
 	return s.lock.Close()
@@ -225,6 +225,7 @@ func (s *disk) open() error {
 			continue
 		}
 		p := &pack{id: id, f: f, size: good}
+		p.mapPack(good)
 		items = append(items, item{mtime: info.ModTime(), p: p, recs: recs})
 	}
 	sort.SliceStable(items, func(i, j int) bool { return items[i].mtime.Before(items[j].mtime) })
@@ -368,7 +369,7 @@ func (s *disk) removeEvicted(files []digest.Digest, packs []*pack) {
 	}
 	for _, p := range packs {
 		os.Remove(p.f.Name())
-		p.f.Close()
+		p.close()
 	}
 }
 
