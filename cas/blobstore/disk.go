@@ -97,8 +97,11 @@ type disk struct {
 	// on one digest, so that an eviction never removes a file that a
 	// concurrent Put has just renamed into place and indexed.
 	stripes [64]sync.Mutex
-	// packMu serialises appends to the current pack.
-	packMu sync.Mutex
+	// appendMu guards the queue of records waiting to be appended to the
+	// current pack; one goroutine at a time (appending) writes them.
+	appendMu    sync.Mutex
+	appendQueue []*pendingRecord
+	appending   bool
 
 	mu    sync.Mutex
 	index map[digest.Digest]*diskEntry
@@ -501,43 +504,23 @@ func (s *disk) Put(ctx context.Context, d digest.Digest, r io.Reader) error {
 
 // putPacked appends a verified small blob to the current pack.
 func (s *disk) putPacked(d digest.Digest, data []byte) error {
-	rec := encodeRecord(d, data)
-	s.packMu.Lock()
-	s.mu.Lock()
-	p := s.packs[len(s.packs)-1]
-	s.mu.Unlock()
-	off := p.size
-	if _, err := p.f.WriteAt(rec, off); err != nil {
-		// Drop the partial record: on a full disk it would keep holding
-		// the space it got until the store is reopened.
-		p.f.Truncate(off)
-		s.packMu.Unlock()
-		return ioError(err, "write blob %s", d)
+	pr := &pendingRecord{d: d, rec: encodeRecord(d, data), done: make(chan struct{})}
+	s.appendRecords([]*pendingRecord{pr})
+	return s.indexRecord(pr)
+}
+
+// indexRecord makes an appended record visible (after syncing it, if so
+// configured).
+func (s *disk) indexRecord(pr *pendingRecord) error {
+	if pr.err != nil {
+		return pr.err
 	}
-	var sealed *pack
-	if off+int64(len(rec)) >= s.opts.PackSize {
-		np, err := s.createPack(p.id + 1)
-		if err != nil {
-			s.packMu.Unlock()
-			return ioError(err, "write blob %s: new pack", d)
-		}
-		sealed = p
-		s.mu.Lock()
-		s.clock++
-		p.sealed = s.clock
-		s.packs = append(s.packs, np)
-		s.mu.Unlock()
-	}
-	s.mu.Lock()
-	p.size = off + int64(len(rec))
-	s.size += int64(len(rec))
-	s.mu.Unlock()
-	s.packMu.Unlock()
+	p, d := pr.p, pr.d
 	if s.opts.Fsync {
 		if err := p.f.Sync(); err != nil {
 			return ioError(err, "write blob %s", d)
 		}
-		if sealed != nil {
+		if pr.sealed {
 			syncDir(s.packDir())
 		}
 	}
@@ -552,11 +535,117 @@ func (s *disk) putPacked(d digest.Digest, data []byte) error {
 		s.removeLocked(old)
 	}
 	s.clock++
-	s.index[d] = &diskEntry{d: d, pack: p, off: off + packHeaderLen, lastUse: s.clock}
+	s.index[d] = &diskEntry{d: d, pack: p, off: pr.off + packHeaderLen, lastUse: s.clock}
 	files, packs := s.evictLocked()
 	s.mu.Unlock()
 	s.removeEvicted(files, packs)
 	return nil
+}
+
+// pendingRecord is a pack record waiting to be appended.
+type pendingRecord struct {
+	d      digest.Digest
+	rec    []byte
+	done   chan struct{}
+	p      *pack // where it was written
+	off    int64
+	sealed bool // its write sealed p
+	err    error
+}
+
+// appendRecords appends records to the current pack with group commit:
+// the first caller becomes the writer and appends, in one write, every
+// record queued while it works; the others wait for it. Concurrent small
+// Puts then share system calls, and a whole batch upload costs one.
+func (s *disk) appendRecords(prs []*pendingRecord) {
+	s.appendMu.Lock()
+	s.appendQueue = append(s.appendQueue, prs...)
+	if s.appending {
+		s.appendMu.Unlock()
+		for _, pr := range prs {
+			<-pr.done
+		}
+		return
+	}
+	s.appending = true
+	for len(s.appendQueue) > 0 {
+		batch := s.appendQueue
+		s.appendQueue = nil
+		s.appendMu.Unlock()
+		s.appendBatch(batch)
+		s.appendMu.Lock()
+	}
+	s.appending = false
+	s.appendMu.Unlock()
+}
+
+// appendBatch writes queued records to the current pack, sealing it and
+// starting a new one when it reaches PackSize (a record always starts
+// below PackSize, so a pack never outgrows its mapping).
+func (s *disk) appendBatch(batch []*pendingRecord) {
+	all := batch
+	defer func() {
+		for _, pr := range all {
+			close(pr.done)
+		}
+	}()
+	for len(batch) > 0 {
+		s.mu.Lock()
+		p := s.packs[len(s.packs)-1]
+		s.mu.Unlock()
+		start := p.size
+		end := start
+		n := 0
+		for n < len(batch) && end < s.opts.PackSize {
+			end += int64(len(batch[n].rec))
+			n++
+		}
+		if n == 0 {
+			n, end = 1, start+int64(len(batch[0].rec))
+		}
+		buf := batch[0].rec
+		if n > 1 {
+			buf = make([]byte, 0, end-start)
+			for _, pr := range batch[:n] {
+				buf = append(buf, pr.rec...)
+			}
+		}
+		_, err := p.f.WriteAt(buf, start)
+		if err != nil {
+			// Drop the partial records: on a full disk they would keep
+			// holding the space they got until the store is reopened.
+			p.f.Truncate(start)
+			for _, pr := range batch {
+				pr.err = ioError(err, "write blob %s", pr.d)
+			}
+			return
+		}
+		off := start
+		for _, pr := range batch[:n] {
+			pr.p, pr.off = p, off
+			off += int64(len(pr.rec))
+		}
+		s.mu.Lock()
+		p.size = end
+		s.size += end - start
+		s.mu.Unlock()
+		if end >= s.opts.PackSize {
+			np, err := s.createPack(p.id + 1)
+			if err != nil {
+				for _, pr := range batch[n:] {
+					pr.err = ioError(err, "write blob %s: new pack", pr.d)
+				}
+				return
+			}
+			batch[n-1].sealed = true
+			s.mu.Lock()
+			s.clock++
+			p.sealed = s.clock
+			s.packs = append(s.packs, np)
+			s.mu.Unlock()
+		}
+		batch = batch[n:]
+	}
 }
 
 // putFile writes a blob to its own file.

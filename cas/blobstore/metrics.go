@@ -36,7 +36,7 @@ func init() {
 // operators can see latency, throughput and hit rates per store.
 func NewMetricsBlobAccess(base BlobAccess, name string) BlobAccess {
 	m := &metricsBlobAccess{BlobAccess: base, name: name, ok: map[string]prometheus.Observer{}}
-	for _, op := range []string{"get", "put", "find_missing"} {
+	for _, op := range []string{"get", "put", "put_batch", "find_missing"} {
 		m.ok[op] = opSeconds.WithLabelValues(name, op, "OK")
 	}
 	m.getBytes = opBytes.WithLabelValues(name, "get")
@@ -91,6 +91,22 @@ func (m *metricsBlobAccess) FindMissing(ctx context.Context, ds []digest.Digest)
 		m.present.Add(float64(len(ds) - len(missing)))
 	}
 	return missing, err
+}
+
+// PutBatch passes batches through to a base that takes them whole.
+func (m *metricsBlobAccess) PutBatch(ctx context.Context, blobs []Blob) []error {
+	start := time.Now()
+	errs := PutBatch(ctx, m.BlobAccess, blobs)
+	var size int64
+	for i, b := range blobs {
+		size += b.Digest.Size()
+		if errs[i] != nil {
+			opSeconds.WithLabelValues(m.name, "put", status.Code(errs[i]).String()).Observe(0)
+		}
+	}
+	m.ok["put_batch"].Observe(time.Since(start).Seconds())
+	m.putBytes.Add(float64(size))
+	return errs
 }
 
 // Stats passes the base's stats through.

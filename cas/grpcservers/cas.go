@@ -1,13 +1,11 @@
 package grpcservers
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"slices"
 	"strconv"
 	"sync"
-	"sync/atomic"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/klauspost/compress/zstd"
@@ -20,37 +18,6 @@ import (
 	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/digest"
 )
-
-// batchParallelism bounds the concurrent store operations of one batch.
-// Most are a few microseconds (pack files, memory), some wait for the disk
-// or the network (files, Redis): a few workers cover both.
-const batchParallelism = 8
-
-// parallelFor calls f(0) ... f(n-1) on up to batchParallelism goroutines.
-// A fixed set of workers, rather than a goroutine per item, keeps the cost
-// of starting goroutines and growing their stacks out of batches of
-// thousands of small blobs.
-func parallelFor(n int, f func(i int)) {
-	workers := min(n, batchParallelism)
-	if workers <= 1 {
-		for i := 0; i < n; i++ {
-			f(i)
-		}
-		return
-	}
-	var next atomic.Int64
-	var wg sync.WaitGroup
-	wg.Add(workers)
-	for w := 0; w < workers; w++ {
-		go func() {
-			defer wg.Done()
-			for i := int(next.Add(1) - 1); i < n; i = int(next.Add(1) - 1) {
-				f(i)
-			}
-		}()
-	}
-	wg.Wait()
-}
 
 // maxFindMissing bounds the digests of one FindMissingBlobs request.
 const maxFindMissing = 100_000
@@ -189,42 +156,60 @@ func (s *CASServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateB
 	}
 	cas := s.stores.For(req.InstanceName).CAS
 	resp := &repb.BatchUpdateBlobsResponse{Responses: make([]*repb.BatchUpdateBlobsResponse_Response, len(req.Requests))}
-	parallelFor(len(req.Requests), func(i int) {
+	// Parse and decompress each blob, then store the valid ones together.
+	blobs := make([]blobstore.Blob, len(req.Requests))
+	errs := make([]error, len(req.Requests))
+	blobstore.ParallelFor(len(req.Requests), func(i int) {
 		r := req.Requests[i]
-		out := &repb.BatchUpdateBlobsResponse_Response{Digest: r.Digest}
-		resp.Responses[i] = out
 		d, err := digest.FromProto(fn, r.Digest)
 		if err == nil {
-			err = s.putOne(ctx, cas, d, r.Compressor, r.Data)
+			blobs[i].Digest = d
+			blobs[i].Data, err = decodeBlob(d, r.Compressor, r.Data)
 		}
-		out.Status = statusProto(err)
+		errs[i] = err
 	})
+	var todo []blobstore.Blob
+	var where []int
+	for i, b := range blobs {
+		if errs[i] == nil && b.Digest.Size() > 0 {
+			todo = append(todo, b)
+			where = append(where, i)
+		}
+	}
+	for k, err := range blobstore.PutBatch(ctx, cas, todo) {
+		errs[where[k]] = err
+	}
+	for i, r := range req.Requests {
+		resp.Responses[i] = &repb.BatchUpdateBlobsResponse_Response{Digest: r.Digest, Status: statusProto(errs[i])}
+	}
 	return resp, nil
 }
 
-func (s *CASServer) putOne(ctx context.Context, cas blobstore.BlobAccess, d digest.Digest, c repb.Compressor_Value, data []byte) error {
+// decodeBlob decompresses a batch upload and checks its size; the empty
+// blob is verified here, since it is never stored.
+func decodeBlob(d digest.Digest, c repb.Compressor_Value, data []byte) ([]byte, error) {
 	switch c {
 	case repb.Compressor_IDENTITY:
 	case repb.Compressor_ZSTD:
 		if d.Size() > MaxBatchTotalSize {
-			return status.Errorf(codes.InvalidArgument, "blob %s is larger than max_batch_total_size_bytes once decompressed", d)
+			return nil, status.Errorf(codes.InvalidArgument, "blob %s is larger than max_batch_total_size_bytes once decompressed", d)
 		}
 		var err error
 		data, err = zstdDecoder.DecodeAll(data, make([]byte, 0, d.Size()))
 		if err != nil {
-			return status.Errorf(codes.InvalidArgument, "blob %s: invalid zstd data: %v", d, err)
+			return nil, status.Errorf(codes.InvalidArgument, "blob %s: invalid zstd data: %v", d, err)
 		}
 	default:
-		return status.Errorf(codes.InvalidArgument, "blob %s: compressor %s is not supported", d, c)
+		return nil, status.Errorf(codes.InvalidArgument, "blob %s: compressor %s is not supported", d, c)
 	}
 	if int64(len(data)) != d.Size() {
 		// Name the actual digest, as Verify does for equal sizes.
-		return digest.MismatchError(d, digest.Compute(d.Function(), data))
+		return nil, digest.MismatchError(d, digest.Compute(d.Function(), data))
 	}
 	if d.Size() == 0 {
-		return d.Verify(data)
+		return data, d.Verify(data)
 	}
-	return cas.Put(ctx, d, bytes.NewReader(data))
+	return data, nil
 }
 
 // BatchReadBlobs returns small blobs, compressed with zstd when the client
@@ -248,7 +233,7 @@ func (s *CASServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobs
 	}
 	cas := s.stores.For(req.InstanceName).CAS
 	resp := &repb.BatchReadBlobsResponse{Responses: make([]*repb.BatchReadBlobsResponse_Response, len(req.Digests))}
-	parallelFor(len(req.Digests), func(i int) {
+	blobstore.ParallelFor(len(req.Digests), func(i int) {
 		pd := req.Digests[i]
 		out := &repb.BatchReadBlobsResponse_Response{Digest: pd}
 		resp.Responses[i] = out

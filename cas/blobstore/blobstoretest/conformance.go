@@ -75,6 +75,7 @@ func runCAS(t *testing.T, fn digest.Function, ba blobstore.BlobAccess) {
 		{"GetAbandoned", casGetAbandoned},
 		{"CallerBufferNotRetained", casCallerBufferNotRetained},
 		{"Concurrent", casConcurrent},
+		{"PutBatch", casPutBatch},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.f(t, fn, ba) })
 	}
@@ -660,4 +661,51 @@ func acConcurrent(t *testing.T, fn digest.Function, ba blobstore.BlobAccess) {
 			t.Errorf("final value of action %d was never put", i)
 		}
 	}
+}
+
+// casPutBatch stores a batch with good, duplicate, already stored, large
+// and bad blobs through blobstore.PutBatch (the store's own PutBatch if it
+// has one): exactly the good ones are stored, each bad one gets
+// InvalidArgument.
+func casPutBatch(t *testing.T, fn digest.Function, ba blobstore.BlobAccess) {
+	rng := Rand(t)
+	ctx := context.Background()
+	stored := FreshBlob(t, ba, rng, fn, 77)
+	MustPut(t, ba, stored.Digest, stored.Data)
+	var batch []blobstore.Blob
+	var good []Blob
+	for i := 0; i < 300; i++ {
+		b := FreshBlob(t, ba, rng, fn, 1+i*7%500)
+		good = append(good, b)
+		batch = append(batch, blobstore.Blob{Digest: b.Digest, Data: b.Data})
+	}
+	large := FreshBlob(t, ba, rng, fn, 200<<10)
+	good = append(good, large)
+	batch = append(batch, blobstore.Blob{Digest: large.Digest, Data: large.Data})
+	batch = append(batch, blobstore.Blob{Digest: good[0].Digest, Data: good[0].Data}) // duplicate
+	batch = append(batch, blobstore.Blob{Digest: stored.Digest, Data: stored.Data})   // already stored
+	wrong := FreshBlob(t, ba, rng, fn, 100)
+	other := RandomBytes(rng, 100)
+	short := FreshBlob(t, ba, rng, fn, 100)
+	bad := len(batch)
+	batch = append(batch,
+		blobstore.Blob{Digest: wrong.Digest, Data: other},
+		blobstore.Blob{Digest: short.Digest, Data: short.Data[:99]})
+	errs := blobstore.PutBatch(ctx, ba, batch)
+	if len(errs) != len(batch) {
+		t.Fatalf("PutBatch returned %d results for %d blobs", len(errs), len(batch))
+	}
+	for i := 0; i < bad; i++ {
+		if errs[i] != nil {
+			t.Errorf("blob %d (%s): %v", i, batch[i].Digest, errs[i])
+		}
+	}
+	WantCode(t, errs[bad], codes.InvalidArgument, "batch blob with wrong data")
+	WantCode(t, errs[bad+1], codes.InvalidArgument, "batch blob with short data")
+	for _, b := range append(good, stored) {
+		WantBlob(t, ba, b.Digest, b.Data)
+	}
+	WantAbsent(t, ba, wrong.Digest)
+	WantAbsent(t, ba, short.Digest)
+	WantAbsent(t, ba, digest.Compute(fn, other))
 }
