@@ -153,3 +153,40 @@ func (r *directReader) Close() error {
 	}
 	return r.f.Close()
 }
+
+// ChunkedReader is implemented by blob readers whose WriteTo passes their
+// own buffers, of up to a MiB, to w: a server can send each as one message
+// without copying it first.
+type ChunkedReader interface {
+	io.WriterTo
+	ChunkedWriteTo()
+}
+
+// ChunkedWriteTo marks directReader as a ChunkedReader.
+func (r *directReader) ChunkedWriteTo() {}
+
+// WriteTo writes the rest of the blob to w, one aligned buffer at a time.
+func (r *directReader) WriteTo(w io.Writer) (int64, error) {
+	var total int64
+	for r.pos < r.size {
+		if r.pos < r.bufOff || r.pos >= r.bufOff+int64(r.bufN) {
+			r.bufOff = r.pos &^ (dioAlign - 1)
+			n, err := r.f.ReadAt(*r.bp, r.bufOff)
+			if err != nil && err != io.EOF {
+				return total, err
+			}
+			r.bufN = n
+			if r.pos >= r.bufOff+int64(n) {
+				return total, io.ErrUnexpectedEOF
+			}
+		}
+		end := min(r.bufOff+int64(r.bufN), r.size)
+		n, err := w.Write((*r.bp)[r.pos-r.bufOff : end-r.bufOff])
+		r.pos += int64(n)
+		total += int64(n)
+		if err != nil {
+			return total, err
+		}
+	}
+	return total, nil
+}

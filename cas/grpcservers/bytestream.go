@@ -133,6 +133,14 @@ func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_Re
 	if req.ReadLimit > 0 {
 		r = io.LimitReader(r, req.ReadLimit)
 	}
+	if cr, ok := r.(blobstore.ChunkedReader); ok {
+		// The store's buffers go out as messages; Send copies them.
+		_, err := cr.WriteTo(sendWriter{stream})
+		if err != nil {
+			return readError(d, err)
+		}
+		return nil
+	}
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -149,6 +157,16 @@ func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_Re
 			return readError(d, err)
 		}
 	}
+}
+
+// sendWriter sends each Write as one ReadResponse.
+type sendWriter struct{ stream bspb.ByteStream_ReadServer }
+
+func (w sendWriter) Write(p []byte) (int, error) {
+	if err := w.stream.Send(&bspb.ReadResponse{Data: p}); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
 
 func readError(d digest.Digest, err error) error {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime/pprof"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -58,8 +59,20 @@ func benchCAS(args []string) error {
 	chunk := fs.Int("chunk-kib", 1024, "ByteStream chunk size in KiB")
 	only := fs.String("only", "", "comma-separated measures to run (findmissing,batchupdate,batchread,bytestream)")
 	jsonOut := fs.Bool("json", false, "print results as JSON")
+	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the client to this file")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *cpuProfile != "" {
+		f, err := os.Create(*cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
 	}
 	fn, ok := digest.FunctionFromName(*fnName)
 	if !ok {
