@@ -60,6 +60,10 @@ func newEnvWith(t testing.TB, o envOptions) *env {
 		MaxSize:          1 << 30,
 		VerifyBelow:      1 << 20,
 		VerifySampleRate: o.verifySampleRate,
+		// As configured by default: small blobs in packs, large ones
+		// through O_DIRECT (and ByteStream's zero-copy read path).
+		PackBelow: 64 << 10,
+		DirectIO:  true,
 	})
 	if err != nil {
 		t.Fatalf("NewDisk: %v", err)
