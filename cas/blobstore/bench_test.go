@@ -35,6 +35,10 @@ func benchBackends(b *testing.B) []benchBackend {
 		{"disk-packed", func(b *testing.B) blobstore.BlobAccess {
 			return openDisk(b, blobstore.CAS, b.TempDir(), blobstore.DiskOptions{MaxSize: 1 << 30, PackBelow: 64 << 10})
 		}},
+		// The default configuration: packs for small blobs, O_DIRECT for large ones.
+		{"disk-default", func(b *testing.B) blobstore.BlobAccess {
+			return openDisk(b, blobstore.CAS, b.TempDir(), blobstore.DiskOptions{MaxSize: 1 << 30, PackBelow: 64 << 10, DirectIO: true, VerifyBelow: 1 << 20, VerifySampleRate: 0.01})
+		}},
 	}
 	if redistest.Available() {
 		srv := redistest.Start(b, "--maxmemory", "1gb", "--maxmemory-policy", "allkeys-lru")
