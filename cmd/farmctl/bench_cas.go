@@ -20,9 +20,11 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/status"
 
 	"tvixfarm/cas/digest"
+	"tvixfarm/internal/rpc"
 )
 
 type casBench struct {
@@ -82,7 +84,8 @@ func benchCAS(args []string) error {
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(64<<20), grpc.MaxCallSendMsgSize(64<<20)),
 		// Large flow-control windows, as for any bulk transfer on a fast link.
-		grpc.WithInitialWindowSize(16<<20), grpc.WithInitialConnWindowSize(16<<20))
+		grpc.WithInitialWindowSize(16<<20), grpc.WithInitialConnWindowSize(16<<20),
+		experimental.WithBufferPool(rpc.BufferPool()))
 	if err != nil {
 		return err
 	}

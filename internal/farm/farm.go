@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -27,6 +28,7 @@ import (
 	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/grpcservers"
 	"tvixfarm/internal/config"
+	"tvixfarm/internal/rpc"
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
 )
 
@@ -68,6 +70,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 		// Large flow-control windows: blobs are bulk transfers.
 		grpc.InitialWindowSize(16<<20), grpc.InitialConnWindowSize(16<<20),
 		grpc.WriteBufferSize(1<<20), grpc.ReadBufferSize(1<<20),
+		experimental.BufferPool(rpc.BufferPool()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(unaryLogger(log)),
 		grpc.ChainStreamInterceptor(streamLogger(log)),
