@@ -7,6 +7,7 @@
 # beforehand), alternating rounds so that background noise hits all alike.
 # ROUNDS (default 3) rounds of RUNS (default 5) runs each; medians are printed
 # per round, as JSON lines in $OUT (default bench-results.jsonl) and as tables.
+# EXTRA adds flags to every `farmctl bench cas` (e.g. "--only bytestream --chunk-kib 64").
 set -eu
 cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-3}
@@ -25,7 +26,7 @@ while [ $r -le "$rounds" ]; do
 		name=${target%%=*}
 		addr=${target#*=}
 		echo "== round $r: $name ($addr)"
-		bin/farmctl bench cas --farm "$addr" --runs "$runs" --json 2>/dev/null |
+		bin/farmctl bench cas --farm "$addr" --runs "$runs" --json ${EXTRA:-} 2>/dev/null |
 			python3 -c 'import json,sys; d=json.load(sys.stdin); d["name"]=sys.argv[1]; d["round"]=int(sys.argv[2]); print(json.dumps(d))' "$name" "$r" >>"$out"
 		tail -n 1 "$out" | python3 -c '
 import json,sys
