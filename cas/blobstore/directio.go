@@ -175,23 +175,53 @@ type ChunkedReader interface {
 // ChunkedWriteTo marks directReader as a ChunkedReader.
 func (r *directReader) ChunkedWriteTo() {}
 
-// WriteTo writes the rest of the blob to w, one aligned buffer at a time.
+// WriteTo writes the rest of the blob to w, one aligned buffer at a time,
+// reading the next buffer while w consumes the current one.
 func (r *directReader) WriteTo(w io.Writer) (int64, error) {
-	var total int64
-	for r.pos < r.size {
-		if r.pos < r.bufOff || r.pos >= r.bufOff+int64(r.bufN) {
-			r.bufOff = r.pos &^ (dioAlign - 1)
-			n, err := r.f.ReadAt(*r.bp, r.bufOff)
-			if err != nil && err != io.EOF {
-				return total, err
+	if r.pos >= r.size {
+		return 0, nil
+	}
+	type chunk struct {
+		bp  *[]byte
+		off int64 // file offset of the buffer
+		n   int
+		err error
+	}
+	chunks := make(chan chunk, 1)
+	stop := make(chan struct{})
+	defer close(stop)
+	start := r.pos &^ (dioAlign - 1)
+	go func() {
+		defer close(chunks)
+		for off := start; off < r.size; off += dioBufSize {
+			bp := dioPool.Get().(*[]byte)
+			n, err := r.f.ReadAt(*bp, off)
+			if err == io.EOF {
+				err = nil
 			}
-			r.bufN = n
-			if r.pos >= r.bufOff+int64(n) {
-				return total, io.ErrUnexpectedEOF
+			if err == nil && off+int64(n) < min(off+dioBufSize, r.size) {
+				err = io.ErrUnexpectedEOF // the file is shorter than its digest
+			}
+			select {
+			case chunks <- chunk{bp, off, n, err}:
+			case <-stop:
+				dioPool.Put(bp)
+				return
+			}
+			if err != nil {
+				return
 			}
 		}
-		end := min(r.bufOff+int64(r.bufN), r.size)
-		n, err := w.Write((*r.bp)[r.pos-r.bufOff : end-r.bufOff])
+	}()
+	var total int64
+	for c := range chunks {
+		if c.err != nil {
+			dioPool.Put(c.bp)
+			return total, c.err
+		}
+		end := min(c.off+int64(c.n), r.size)
+		n, err := w.Write((*c.bp)[r.pos-c.off : end-c.off])
+		dioPool.Put(c.bp)
 		r.pos += int64(n)
 		total += int64(n)
 		if err != nil {
