@@ -184,17 +184,65 @@ func (eofReader) Read([]byte) (int, error) { return 0, io.EOF }
 // BlobAccess.Put that runs under the server's context, so a client whose
 // stream breaks can resume where it stopped, on a new stream, until the
 // upload has been idle for the idle timeout.
+//
+// For compressed-blobs, each stream's zstd data is decoded on its own (a
+// resuming client starts a new zstd frame at the uncompressed offset it
+// resumes from, as REAPI specifies), and committed counts uncompressed
+// bytes.
 type upload struct {
 	name       string
 	d          digest.Digest
 	compressed bool
-	pw         *chunkPipe
+	pw         *chunkPipe    // uncompressed bytes into Put
 	done       chan struct{} // closed when Put has returned
 	err        error         // Put's result, valid once done is closed
 
 	mu        sync.Mutex   // held by the stream feeding the upload
-	committed atomic.Int64 // bytes received, compressed if compressed
+	committed atomic.Int64 // uncompressed bytes handed to Put
 	idle      *time.Timer
+}
+
+// streamDecoder decodes one stream's compressed data into an upload.
+type streamDecoder struct {
+	zw   *io.PipeWriter
+	done chan struct{}
+	err  error // valid once done is closed
+}
+
+func (u *upload) startDecoder() *streamDecoder {
+	pr, pw := io.Pipe()
+	sd := &streamDecoder{zw: pw, done: make(chan struct{})}
+	go func() {
+		defer close(sd.done)
+		zr, err := zstd.NewReader(pr, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+		if err != nil {
+			sd.err = status.Errorf(codes.Internal, "zstd: %v", err)
+			pr.CloseWithError(sd.err)
+			return
+		}
+		defer zr.Close()
+		_, err = io.Copy(copyingWriter{u}, &zstdErrReader{zr})
+		sd.err = err
+		pr.CloseWithError(errPutReturned)
+	}()
+	return sd
+}
+
+// finish ends the stream's compressed data and waits for the decoder.
+func (sd *streamDecoder) finish(err error) error {
+	sd.zw.CloseWithError(err)
+	<-sd.done
+	return sd.err
+}
+
+// copyingWriter hands decoded data to the upload; the decoder reuses its
+// buffers, so the pipe must copy them.
+type copyingWriter struct{ u *upload }
+
+func (w copyingWriter) Write(p []byte) (int, error) {
+	n, err := w.u.pw.WriteCopy(p)
+	w.u.committed.Add(int64(n))
+	return n, err
 }
 
 // Write receives a blob. The first message names the resource; every
@@ -227,20 +275,53 @@ func (s *ByteStreamServer) Write(stream bspb.ByteStream_WriteServer) error {
 		return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: size})
 	}
 	defer u.mu.Unlock()
+	// Offsets within a stream: its first write_offset, then plus the bytes
+	// received (compressed bytes, for compressed-blobs).
+	next := req.WriteOffset
+	var dec *streamDecoder
+	if compressed {
+		dec = u.startDecoder()
+	}
+	// stop ends this stream's part of the upload: for a resume, or for good.
+	stop := func(err error) error {
+		if dec != nil {
+			if derr := dec.finish(io.ErrUnexpectedEOF); err == nil && status.Code(derr) == codes.InvalidArgument {
+				err = derr
+			}
+		}
+		s.detach(u)
+		return err
+	}
 	for {
-		if req.WriteOffset != u.committed.Load() {
-			s.detach(u)
-			return status.Errorf(codes.InvalidArgument, "write_offset %d, but %d bytes are committed", req.WriteOffset, u.committed.Load())
+		if req.WriteOffset != next {
+			return stop(status.Errorf(codes.InvalidArgument, "write_offset %d, but %d bytes are committed", req.WriteOffset, next))
 		}
 		// Compare with the stream's name, not u.name: an upload running
 		// independently of a concurrent one of the same name has no name.
 		if req.ResourceName != "" && req.ResourceName != name {
-			s.detach(u)
-			return status.Errorf(codes.InvalidArgument, "resource name changed within one write")
+			return stop(status.Errorf(codes.InvalidArgument, "resource name changed within one write"))
 		}
 		if len(req.Data) > 0 {
-			if _, err := u.pw.Write(req.Data); err != nil {
-				// Put has failed (for example, too much data): report why.
+			var err error
+			if dec != nil {
+				_, err = dec.zw.Write(req.Data)
+			} else {
+				_, err = u.pw.Write(req.Data)
+				if err == nil {
+					u.committed.Add(int64(len(req.Data)))
+				}
+			}
+			if err != nil {
+				if dec != nil {
+					if derr := dec.finish(err); status.Code(derr) == codes.InvalidArgument {
+						// Corrupt compressed data: the upload is void.
+						u.pw.CloseWithError(derr)
+						<-u.done
+						s.finish(u)
+						return derr
+					}
+				}
+				// Put has returned (for example, on too much data): say why.
 				<-u.done
 				s.finish(u)
 				if u.err == nil {
@@ -254,25 +335,38 @@ func (s *ByteStreamServer) Write(stream bspb.ByteStream_WriteServer) error {
 				}
 				return u.err
 			}
-			u.committed.Add(int64(len(req.Data)))
+			next += int64(len(req.Data))
 		}
 		if req.FinishWrite {
+			if dec != nil {
+				if err := dec.finish(nil); err != nil && err != errPutReturned {
+					u.pw.CloseWithError(err)
+					<-u.done
+					s.finish(u)
+					if status.Code(err) == codes.InvalidArgument {
+						return err
+					}
+					if u.err != nil {
+						return u.err
+					}
+					return err
+				}
+			}
 			u.pw.Close()
 			<-u.done
 			s.finish(u)
 			if u.err != nil {
 				return u.err
 			}
-			return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: u.committed.Load()})
+			return stream.SendAndClose(&bspb.WriteResponse{CommittedSize: next})
 		}
 		req, err = stream.Recv()
 		if err != nil {
 			// The client went away: keep the upload for a resume.
-			s.detach(u)
 			if err == io.EOF {
-				return status.Errorf(codes.InvalidArgument, "write of %s ended without finish_write", d)
+				return stop(status.Errorf(codes.InvalidArgument, "write of %s ended without finish_write", d))
 			}
-			return err
+			return stop(err)
 		}
 	}
 }
@@ -343,15 +437,6 @@ func (s *ByteStreamServer) attach(ctx context.Context, cas blobstore.BlobAccess,
 		defer close(u.done)
 		defer pw.CloseRead()
 		var r io.Reader = pw
-		if compressed {
-			zr, err := zstd.NewReader(pw, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
-			if err != nil {
-				u.err = status.Errorf(codes.Internal, "zstd: %v", err)
-				return
-			}
-			defer zr.Close()
-			r = &zstdErrReader{zr}
-		}
 		if d.Size() == 0 {
 			// The empty blob is implicit; just validate the stream.
 			_, u.err = io.Copy(io.Discard, digest.NewVerifyingReader(r, d))

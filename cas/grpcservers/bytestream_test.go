@@ -603,3 +603,66 @@ func TestByteStreamReadCancelled(t *testing.T) {
 		t.Fatalf("Read after cancelled reads: %v", err)
 	}
 }
+
+// TestByteStreamResumableCompressedWrite resumes a compressed-blobs upload
+// as REAPI specifies: the resuming stream's first write_offset is the
+// uncompressed offset (QueryWriteStatus's committed_size), its data a new
+// zstd stream of the rest, and later offsets add compressed bytes.
+func TestByteStreamResumableCompressedWrite(t *testing.T) {
+	t.Parallel()
+	e := newEnv(t)
+	forEachFn(t, func(t *testing.T, fc fnCase) {
+		data := randBytes(uint64(fc.fn)+7000, 3<<20)
+		d := fc.digest(data)
+		half := d.Size() / 2
+		wname := writeName("", newUUID(), "compressed-blobs/zstd", fc, d)
+
+		// The first stream carries the first half, compressed, then breaks.
+		first := zstdCompress(t, data[:half])
+		sctx, cancel := context.WithCancel(testCtx(t))
+		stream, err := e.bs.Write(sctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for off := 0; off < len(first); off += chunk64K {
+			req := &bspb.WriteRequest{WriteOffset: int64(off), Data: first[off:min(off+chunk64K, len(first))]}
+			if off == 0 {
+				req.ResourceName = wname
+			}
+			if err := stream.Send(req); err != nil {
+				t.Fatal(err)
+			}
+		}
+		qs := e.waitCommitted(t, wname, half) // uncompressed bytes
+		cancel()
+		qs = e.waitCommitted(t, wname, half)
+
+		// The resuming stream: write_offset half, then half + compressed bytes.
+		rest := zstdCompress(t, data[qs.CommittedSize:])
+		stream, err = e.bs.Write(testCtx(t))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for off := 0; off < len(rest); off += chunk64K {
+			end := min(off+chunk64K, len(rest))
+			req := &bspb.WriteRequest{WriteOffset: qs.CommittedSize + int64(off), Data: rest[off:end], FinishWrite: end == len(rest)}
+			if off == 0 {
+				req.ResourceName = wname
+			}
+			if err := stream.Send(req); err != nil {
+				t.Fatal(err)
+			}
+		}
+		resp, err := stream.CloseAndRecv()
+		if err != nil {
+			t.Fatalf("resumed compressed Write: %v", err)
+		}
+		if want := qs.CommittedSize + int64(len(rest)); resp.CommittedSize != want {
+			t.Errorf("committed_size %d, want %d", resp.CommittedSize, want)
+		}
+		got, err := e.bsRead(testCtx(t), readName("", "blobs", fc, d), 0, 0)
+		if err != nil || !bytes.Equal(got, data) {
+			t.Fatalf("Read after the resumed compressed Write: %d bytes, %v", len(got), err)
+		}
+	})
+}

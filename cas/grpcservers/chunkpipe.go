@@ -54,6 +54,24 @@ func (p *chunkPipe) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
+// WriteCopy is Write for callers that reuse b: it always copies.
+func (p *chunkPipe) WriteCopy(b []byte) (int, error) {
+	for rest := b; len(rest) > 0; {
+		if p.pending == nil {
+			p.pending = make([]byte, 0, coalesceSize)
+		}
+		n := copy(p.pending[len(p.pending):cap(p.pending)], rest)
+		p.pending = p.pending[:len(p.pending)+n]
+		rest = rest[n:]
+		if len(p.pending) == cap(p.pending) {
+			if err := p.flush(); err != nil {
+				return len(b) - len(rest) - n, err
+			}
+		}
+	}
+	return len(b), nil
+}
+
 func (p *chunkPipe) flush() error {
 	if len(p.pending) == 0 {
 		return nil
