@@ -54,6 +54,7 @@ const (
 // MaxACEntrySize bounds the size of a serialized ActionResult.
 const MaxACEntrySize = 16 << 20
 
+// String names the kind in messages.
 func (k Kind) String() string {
 	if k == AC {
 		return "action cache"

@@ -102,6 +102,8 @@ type disk struct {
 	appendMu    sync.Mutex
 	appendQueue []*pendingRecord
 	appending   bool
+	// indexers are the goroutines writing indexes of sealed packs.
+	indexers sync.WaitGroup
 
 	mu    sync.Mutex
 	index map[digest.Digest]*diskEntry
@@ -123,6 +125,7 @@ type diskEntry struct {
 
 // Close releases the lock on the directory and closes the packs.
 func (s *disk) Close() error {
+	s.indexers.Wait()
 	s.mu.Lock()
 	for _, p := range s.packs {
 		p.close()
@@ -199,20 +202,25 @@ func (s *disk) open() error {
 	if err != nil {
 		return fmt.Errorf("disk store: %w", err)
 	}
+	removeStaleIndexes(s.packDir(), ids)
 	for i, id := range ids {
 		f, err := os.OpenFile(filepath.Join(s.packDir(), packName(id)), os.O_RDWR, 0)
 		if err != nil {
 			return fmt.Errorf("disk store: %w", err)
 		}
-		recs, good, err := scanPack(f)
-		if err != nil {
-			f.Close()
-			return fmt.Errorf("disk store: scan %s: %w", f.Name(), err)
-		}
 		info, err := f.Stat()
 		if err != nil {
 			f.Close()
 			return fmt.Errorf("disk store: %w", err)
+		}
+		recs, idxSize, indexed := s.readIndex(id, info.Size())
+		good := info.Size()
+		if !indexed {
+			os.Remove(filepath.Join(s.packDir(), indexName(id)))
+			if recs, good, err = scanPack(f); err != nil {
+				f.Close()
+				return fmt.Errorf("disk store: scan %s: %w", f.Name(), err)
+			}
 		}
 		if good < info.Size() {
 			// A torn last record (crash while appending) or damage.
@@ -225,13 +233,15 @@ func (s *disk) open() error {
 		if good == 0 {
 			f.Close()
 			os.Remove(f.Name())
+			os.Remove(filepath.Join(s.packDir(), indexName(id)))
 			continue
 		}
-		p := &pack{id: id, f: f, size: good}
+		p := &pack{id: id, f: f, size: good, idxSize: idxSize}
 		p.mapPack(good)
 		items = append(items, item{mtime: info.ModTime(), p: p, recs: recs})
 	}
 	sort.SliceStable(items, func(i, j int) bool { return items[i].mtime.Before(items[j].mtime) })
+	var toIndex []*pack // sealed packs without an index (the last one written before a restart)
 	for _, it := range items {
 		s.clock++
 		if it.e != nil {
@@ -244,9 +254,12 @@ func (s *disk) open() error {
 		p := it.p
 		p.sealed = s.clock
 		s.packs = append(s.packs, p)
-		s.size += p.size
+		s.size += p.size + p.idxSize
+		p.recs = it.recs
+		if len(p.recs) > 0 && !indexExists(s.packDir(), p.id) {
+			toIndex = append(toIndex, p)
+		}
 		for _, r := range it.recs {
-			p.digests = append(p.digests, r.d)
 			if old, ok := s.index[r.d]; ok && old.elem != nil {
 				continue // a file copy exists; keep it
 			}
@@ -265,7 +278,35 @@ func (s *disk) open() error {
 	}
 	s.packs = append(s.packs, p)
 	s.evict()
+	for _, p := range toIndex {
+		s.indexers.Add(1)
+		go func(p *pack, size int64, recs []packRecord) {
+			defer s.indexers.Done()
+			s.writeIndex(p, size, recs)
+		}(p, p.size, p.recs)
+	}
 	return nil
+}
+
+// removeStaleIndexes removes pack indexes whose pack is gone and
+// leftovers of interrupted index writes.
+func removeStaleIndexes(dir string, ids []uint64) {
+	packs := make(map[string]bool, len(ids))
+	for _, id := range ids {
+		packs[indexName(id)] = true
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		n := e.Name()
+		if strings.HasSuffix(n, ".tmp") || strings.HasSuffix(n, ".idx") && !packs[n] {
+			os.Remove(filepath.Join(dir, n))
+		}
+	}
+}
+
+func indexExists(dir string, id uint64) bool {
+	_, err := os.Stat(filepath.Join(dir, indexName(id)))
+	return err == nil
 }
 
 func parseBlobName(fn digest.Function, name string) (digest.Digest, bool) {
@@ -372,6 +413,7 @@ func (s *disk) removeEvicted(files []digest.Digest, packs []*pack) {
 	}
 	for _, p := range packs {
 		os.Remove(p.f.Name())
+		os.Remove(filepath.Join(s.packDir(), indexName(p.id)))
 		p.close()
 	}
 }
@@ -526,11 +568,16 @@ func (s *disk) indexRecord(pr *pendingRecord) error {
 	}
 	s.mu.Lock()
 	if p.gone {
-		// The store is so small that the pack was evicted at once.
+		// The pack was evicted between the write and now (the store is
+		// small for its write rate): write the record again, a few times.
 		s.mu.Unlock()
-		return status.Errorf(codes.ResourceExhausted, "blob %s: the disk store is too small for its write rate", d)
+		if pr.retries >= 3 {
+			return status.Errorf(codes.ResourceExhausted, "blob %s: the disk store is too small for its write rate", d)
+		}
+		retry := &pendingRecord{d: d, rec: pr.rec, done: make(chan struct{}), retries: pr.retries + 1}
+		s.appendRecords([]*pendingRecord{retry})
+		return s.indexRecord(retry)
 	}
-	p.digests = append(p.digests, d)
 	if old, ok := s.index[d]; ok {
 		s.removeLocked(old)
 	}
@@ -544,13 +591,14 @@ func (s *disk) indexRecord(pr *pendingRecord) error {
 
 // pendingRecord is a pack record waiting to be appended.
 type pendingRecord struct {
-	d      digest.Digest
-	rec    []byte
-	done   chan struct{}
-	p      *pack // where it was written
-	off    int64
-	sealed bool // its write sealed p
-	err    error
+	d       digest.Digest
+	rec     []byte
+	done    chan struct{}
+	p       *pack // where it was written
+	off     int64
+	sealed  bool // its write sealed p
+	err     error
+	retries int
 }
 
 // appendRecords appends records to the current pack with group commit:
@@ -628,6 +676,9 @@ func (s *disk) appendBatch(batch []*pendingRecord) {
 		s.mu.Lock()
 		p.size = end
 		s.size += end - start
+		for _, pr := range batch[:n] {
+			p.recs = append(p.recs, packRecord{d: pr.d, off: pr.off + packHeaderLen})
+		}
 		s.mu.Unlock()
 		if end >= s.opts.PackSize {
 			np, err := s.createPack(p.id + 1)
@@ -642,7 +693,13 @@ func (s *disk) appendBatch(batch []*pendingRecord) {
 			s.clock++
 			p.sealed = s.clock
 			s.packs = append(s.packs, np)
+			recs, size := p.recs, p.size
 			s.mu.Unlock()
+			s.indexers.Add(1)
+			go func() {
+				defer s.indexers.Done()
+				s.writeIndex(p, size, recs)
+			}()
 		}
 		batch = batch[n:]
 	}
@@ -781,13 +838,13 @@ func (s *disk) evictLocked() ([]digest.Digest, []*pack) {
 		case op != nil && (fe == nil || op.sealed < fe.lastUse):
 			s.packs = s.packs[1:]
 			op.gone = true
-			s.size -= op.size
-			for _, d := range op.digests {
-				if e, ok := s.index[d]; ok && e.pack == op {
-					delete(s.index, d)
+			s.size -= op.size + op.idxSize
+			for _, r := range op.recs {
+				if e, ok := s.index[r.d]; ok && e.pack == op {
+					delete(s.index, r.d)
 				}
 			}
-			op.digests = nil
+			op.recs = nil
 			packs = append(packs, op)
 		case fe != nil:
 			s.removeLocked(fe)

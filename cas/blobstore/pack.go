@@ -51,7 +51,8 @@ type pack struct {
 	id      uint64
 	f       *os.File
 	size    int64           // bytes written
-	digests []digest.Digest // records, in order, for removal from the index
+	recs    []packRecord    // records, in order (for eviction and the pack index)
+	idxSize int64           // bytes of its index file, counted in the store's size
 	sealed  uint64          // use clock when the pack stopped taking writes; 0 while current
 	gone    bool            // evicted
 
@@ -119,6 +120,106 @@ func copyMapped(dst, src []byte) (err error) {
 }
 
 func packName(id uint64) string { return fmt.Sprintf("%016d.pack", id) }
+
+func indexName(id uint64) string { return fmt.Sprintf("%016d.idx", id) }
+
+// A pack index lists the records of a sealed pack, so that opening the
+// store reads a few bytes per record instead of the whole pack:
+//
+//	magic  [4]byte "TFX1"
+//	size   uint64  size of the pack file it describes
+//	count  uint32
+//	count × { fn uint8, hash [32]byte, size uint32, off uint64 }  (off of the data)
+//	crc    uint32  CRC-32C of everything above
+//
+// It is written (to a temporary name, then renamed) when the pack is
+// sealed; a missing, stale or damaged index just means the pack is scanned.
+const (
+	indexMagic     = "TFX1"
+	indexRecordLen = 1 + digest.HashSize + 4 + 8
+)
+
+func encodeIndex(size int64, recs []packRecord) []byte {
+	b := make([]byte, 0, 16+len(recs)*indexRecordLen+4)
+	b = append(b, indexMagic...)
+	b = binary.LittleEndian.AppendUint64(b, uint64(size))
+	b = binary.LittleEndian.AppendUint32(b, uint32(len(recs)))
+	for _, r := range recs {
+		h := r.d.Hash()
+		b = append(b, byte(r.d.Function()))
+		b = append(b, h[:]...)
+		b = binary.LittleEndian.AppendUint32(b, uint32(r.d.Size()))
+		b = binary.LittleEndian.AppendUint64(b, uint64(r.off))
+	}
+	return binary.LittleEndian.AppendUint32(b, crc32.Checksum(b, crcTable))
+}
+
+// decodeIndex parses a pack index for a pack of packSize bytes.
+func decodeIndex(b []byte, packSize int64) ([]packRecord, bool) {
+	if len(b) < 20 || string(b[:4]) != indexMagic {
+		return nil, false
+	}
+	body, sum := b[:len(b)-4], binary.LittleEndian.Uint32(b[len(b)-4:])
+	if crc32.Checksum(body, crcTable) != sum || int64(binary.LittleEndian.Uint64(body[4:])) != packSize {
+		return nil, false
+	}
+	n := int(binary.LittleEndian.Uint32(body[12:]))
+	if len(body) != 16+n*indexRecordLen {
+		return nil, false
+	}
+	recs := make([]packRecord, n)
+	for i := range recs {
+		r := body[16+i*indexRecordLen:]
+		fn := digest.Function(r[0])
+		if fn != digest.SHA256 && fn != digest.BLAKE3 {
+			return nil, false
+		}
+		var h [digest.HashSize]byte
+		copy(h[:], r[1:])
+		size := int64(binary.LittleEndian.Uint32(r[1+digest.HashSize:]))
+		off := int64(binary.LittleEndian.Uint64(r[5+digest.HashSize:]))
+		if off < packHeaderLen || off+size > packSize {
+			return nil, false
+		}
+		recs[i] = packRecord{d: digest.New(fn, h, size), off: off}
+	}
+	return recs, true
+}
+
+// writeIndex writes the index of sealed pack p, whose records are recs.
+func (s *disk) writeIndex(p *pack, size int64, recs []packRecord) {
+	name := filepath.Join(s.packDir(), indexName(p.id))
+	tmp := name + ".tmp"
+	b := encodeIndex(size, recs)
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		os.Remove(tmp)
+		s.opts.Logger.Warn("disk store: pack index not written; the pack will be scanned at start", "pack", p.id, "err", err)
+		return
+	}
+	if err := os.Rename(tmp, name); err != nil {
+		os.Remove(tmp)
+		return
+	}
+	s.mu.Lock()
+	if p.gone {
+		os.Remove(name) // evicted meanwhile
+	} else {
+		p.idxSize = int64(len(b))
+		s.size += p.idxSize
+	}
+	s.mu.Unlock()
+}
+
+// readIndex returns the records of pack id from its index, if the index is
+// intact and describes the pack as it is (packSize bytes).
+func (s *disk) readIndex(id uint64, packSize int64) ([]packRecord, int64, bool) {
+	b, err := os.ReadFile(filepath.Join(s.packDir(), indexName(id)))
+	if err != nil {
+		return nil, 0, false
+	}
+	recs, ok := decodeIndex(b, packSize)
+	return recs, int64(len(b)), ok
+}
 
 func encodeRecord(d digest.Digest, data []byte) []byte {
 	rec := make([]byte, packHeaderLen+len(data))

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"tvixfarm/cas/digest"
@@ -140,8 +141,9 @@ func TestPackEvictionKeepsHotBlobs(t *testing.T) {
 	var onDisk int64
 	ents, _ := os.ReadDir(filepath.Join(dir, "packs"))
 	for _, e := range ents {
-		fi, _ := e.Info()
-		onDisk += fi.Size()
+		if fi, err := e.Info(); err == nil { // packs and indexes come and go meanwhile
+			onDisk += fi.Size()
+		}
 	}
 	if onDisk > max+s.opts.PackSize {
 		t.Fatalf("packs use %d bytes, max %d", onDisk, max)
@@ -177,5 +179,48 @@ func TestPackTruncatedUnderMapping(t *testing.T) {
 	}
 	if m, _ := s.FindMissing(ctx, []digest.Digest{last}); len(m) != 1 {
 		t.Fatal("the lost record is still indexed")
+	}
+}
+
+// TestPackIndex: sealed packs get an index, opening the store uses it, and
+// a damaged or stale index is ignored (the pack is scanned instead).
+func TestPackIndex(t *testing.T) {
+	dir := t.TempDir()
+	s := newPacked(t, dir, 1<<30)
+	ctx := context.Background()
+	blobs := map[digest.Digest][]byte{}
+	for i := 0; i < 2000; i++ {
+		b, d := randomBlob(t, digest.Functions[i%2], 1+i%300)
+		if err := PutBytes(ctx, s, d, b); err != nil {
+			t.Fatal(err)
+		}
+		blobs[d] = b
+	}
+	s.Close()
+	idx, _ := filepath.Glob(filepath.Join(dir, "packs", "*.idx"))
+	packs, _ := filepath.Glob(filepath.Join(dir, "packs", "*.pack"))
+	if len(idx) < 2 || len(idx) >= len(packs)+1 {
+		t.Fatalf("%d indexes for %d packs", len(idx), len(packs))
+	}
+	check := func(what string) {
+		t.Helper()
+		s := newPacked(t, dir, 1<<30)
+		defer s.Close()
+		for d, b := range blobs {
+			if got := mustGet(t, s, d); string(got) != string(b) {
+				t.Fatalf("%s: blob %s differs", what, d)
+			}
+		}
+	}
+	check("with indexes")
+	// Damage one index, make another stale (its pack grew), orphan a third.
+	os.WriteFile(idx[0], []byte("TFX1 garbage"), 0o644)
+	f, _ := os.OpenFile(strings.TrimSuffix(idx[1], ".idx")+".pack", os.O_WRONLY|os.O_APPEND, 0)
+	f.Write(make([]byte, 10)) // a torn record, as after a crash
+	f.Close()
+	os.WriteFile(filepath.Join(dir, "packs", indexName(999999)), []byte("orphan"), 0o644)
+	check("with a damaged and a stale index")
+	if _, err := os.Stat(filepath.Join(dir, "packs", indexName(999999))); err == nil {
+		t.Error("orphan index not removed")
 	}
 }
