@@ -50,11 +50,11 @@ var crcTable = crc32.MakeTable(crc32.Castagnoli)
 type pack struct {
 	id      uint64
 	f       *os.File
-	size    int64           // bytes written
-	recs    []packRecord    // records, in order (for eviction and the pack index)
-	idxSize int64           // bytes of its index file, counted in the store's size
-	sealed  uint64          // use clock when the pack stopped taking writes; 0 while current
-	gone    bool            // evicted
+	size    int64        // bytes written
+	recs    []packRecord // records, in order (for eviction and the pack index)
+	idxSize int64        // bytes of its index file, counted in the store's size
+	sealed  uint64       // use clock when the pack stopped taking writes; 0 while current
+	gone    bool         // evicted
 
 	// Records are read through a read-only shared mapping of the file:
 	// a read is then a copy, not a system call (which costs microseconds
