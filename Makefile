@@ -1,7 +1,7 @@
 # tvixfarm: see README.md. Every target works on a fresh Debian machine once
 # .ci/run (or `make deps`) has installed the system packages.
 
-GO        ?= go
+GO        ?= $(shell command -v go 2>/dev/null || echo /usr/local/go/bin/go)
 BIN       := $(CURDIR)/bin
 PROTOC_GEN_GO_VERSION      := v1.36.11
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.1
@@ -19,7 +19,7 @@ build:
 # The test suite: real redis-server, real gRPC over loopback, race detector.
 # Installs the Debian packages it needs when they are missing (as root).
 test: deps-if-missing
-	TVIXFARM_REQUIRE_REDIS=1 $(GO) test -race -count=1 -timeout 20m ./...
+	PATH=$(dir $(GO)):$$PATH TVIXFARM_REQUIRE_REDIS=1 $(GO) test -race -count=1 -timeout 20m ./...
 
 test-short:
 	$(GO) test -short -count=1 ./...
