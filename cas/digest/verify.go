@@ -38,17 +38,9 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 		v.h.Write(p[:n])
 	}
 	if err == io.EOF {
-		if v.n != v.d.size {
-			v.err = status.Errorf(codes.InvalidArgument, "blob %s: received %d bytes, expected %d", v.d, v.n, v.d.size)
+		if v.err = v.check(); v.err != io.EOF {
 			return n, v.err
 		}
-		got := Digest{fn: v.d.fn, size: v.n}
-		v.h.Sum(got.hash[:0])
-		if got != v.d {
-			v.err = MismatchError(v.d, got)
-			return n, v.err
-		}
-		v.err = io.EOF
 	} else if err != nil {
 		v.err = err
 	}
@@ -89,18 +81,24 @@ func (v *verifyingReader) WriteTo(w io.Writer) (int64, error) {
 		v.err = err
 		return n, err
 	}
-	if v.n != v.d.size {
-		v.err = status.Errorf(codes.InvalidArgument, "blob %s: received %d bytes, expected %d", v.d, v.n, v.d.size)
+	if v.err = v.check(); v.err != io.EOF {
 		return n, v.err
+	}
+	return n, nil
+}
+
+// check verifies the size and hash of everything read, at the end of the
+// stream: io.EOF if they match d, else an INVALID_ARGUMENT error.
+func (v *verifyingReader) check() error {
+	if v.n != v.d.size {
+		return status.Errorf(codes.InvalidArgument, "blob %s: received %d bytes, expected %d", v.d, v.n, v.d.size)
 	}
 	got := Digest{fn: v.d.fn, size: v.n}
 	v.h.Sum(got.hash[:0])
 	if got != v.d {
-		v.err = MismatchError(v.d, got)
-		return n, v.err
+		return MismatchError(v.d, got)
 	}
-	v.err = io.EOF
-	return n, nil
+	return io.EOF
 }
 
 // teeHashWriter writes chunks to w and queues them for hashing. Chunks

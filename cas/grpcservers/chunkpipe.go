@@ -38,20 +38,7 @@ func (p *chunkPipe) Write(b []byte) (int, error) {
 	if len(p.pending) == 0 && len(b) >= coalesceSize/2 {
 		return len(b), p.send(b)
 	}
-	for rest := b; len(rest) > 0; {
-		if p.pending == nil {
-			p.pending = make([]byte, 0, coalesceSize)
-		}
-		n := copy(p.pending[len(p.pending):cap(p.pending)], rest)
-		p.pending = p.pending[:len(p.pending)+n]
-		rest = rest[n:]
-		if len(p.pending) == cap(p.pending) {
-			if err := p.flush(); err != nil {
-				return 0, err
-			}
-		}
-	}
-	return len(b), nil
+	return p.WriteCopy(b)
 }
 
 // WriteCopy is Write for callers that reuse b: it always copies.
