@@ -8,6 +8,12 @@ PROTOC_GEN_GO_GRPC_VERSION := v1.6.1
 PROTOS    := $(shell find proto -name '*.proto')
 DATA      ?= $(CURDIR)/.demo-data
 
+# The executor embeds runc's libcontainer: it needs cgo and libseccomp, and
+# the binary must be static, because its first program in every sandbox is
+# itself, run in a root file system that has no dynamic loader.
+export CGO_ENABLED := 1
+export GOFLAGS     := -tags=seccomp,netgo,osusergo -ldflags=-extldflags=-static
+
 .PHONY: all build test test-short bench lint proto demo deps deps-if-missing clean fuzz
 
 all: build
@@ -19,7 +25,7 @@ build:
 # The test suite: real redis-server, real gRPC over loopback, race detector.
 # Installs the Debian packages it needs when they are missing (as root).
 test: deps-if-missing
-	PATH=$(dir $(GO)):$$PATH TVIXFARM_REQUIRE_REDIS=1 $(GO) test -race -count=1 -timeout 20m ./...
+	PATH=$(dir $(GO)):$$PATH TVIXFARM_REQUIRE_REDIS=1 TVIXFARM_REQUIRE_SANDBOX=1 $(GO) test -race -count=1 -timeout 20m ./...
 
 test-short:
 	$(GO) test -short -count=1 ./...
@@ -60,10 +66,10 @@ demo: build
 # System packages the tests and `make proto` need (Debian, as root).
 deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server protobuf-compiler
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server protobuf-compiler libseccomp-dev busybox-static gcc
 
 deps-if-missing:
-	@command -v redis-server >/dev/null || $(MAKE) deps
+	@command -v redis-server >/dev/null && test -e /usr/lib/x86_64-linux-gnu/libseccomp.a && test -x /bin/busybox || $(MAKE) deps
 
 clean:
 	rm -rf $(BIN) $(DATA)
