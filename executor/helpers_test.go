@@ -94,9 +94,9 @@ type entry struct {
 	dir     bool
 }
 
-func file(s string) entry    { return entry{data: []byte(s)} }
+func file(s string) entry     { return entry{data: []byte(s)} }
 func execFile(b []byte) entry { return entry{data: b, exec: true} }
-func symlink(t string) entry { return entry{symlink: t} }
+func symlink(t string) entry  { return entry{symlink: t} }
 
 var dirEntry = entry{dir: true}
 

@@ -492,9 +492,9 @@ func TestOutputsEscapingRejected(t *testing.T) {
 func TestBazelStyleAction(t *testing.T) {
 	e := newEnv(t, 0)
 	a := action{
-		args: []string{"/bin/bash", "-c", `set -e; mkdir -p bazel-out/k8/bin/pkg/gen; cat pkg/a.txt pkg/b.txt > bazel-out/k8/bin/pkg/ab.txt; tr a-z A-Z < pkg/a.txt > bazel-out/k8/bin/pkg/gen/upper.txt; echo $PWD >&2; ls /usr/bin/bash`},
-		env:  map[string]string{"PATH": "/usr/bin:/bin"},
-		root: map[string]entry{"pkg/a.txt": file("hello\n"), "pkg/b.txt": file("world\n")},
+		args:     []string{"/bin/bash", "-c", `set -e; mkdir -p bazel-out/k8/bin/pkg/gen; cat pkg/a.txt pkg/b.txt > bazel-out/k8/bin/pkg/ab.txt; tr a-z A-Z < pkg/a.txt > bazel-out/k8/bin/pkg/gen/upper.txt; echo $PWD >&2; ls /usr/bin/bash`},
+		env:      map[string]string{"PATH": "/usr/bin:/bin"},
+		root:     map[string]entry{"pkg/a.txt": file("hello\n"), "pkg/b.txt": file("world\n")},
 		outFiles: []string{"bazel-out/k8/bin/pkg/ab.txt"},
 		outDirs:  []string{"bazel-out/k8/bin/pkg/gen"},
 	}

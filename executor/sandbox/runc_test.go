@@ -1,11 +1,16 @@
 package sandbox
 
 import (
+	"bufio"
 	"context"
+	"errors"
+	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -104,5 +109,154 @@ func BenchmarkRuncTrue(b *testing.B) {
 			b.ReportMetric(float64(start.Microseconds())/float64(b.N)/1000, "start-ms/op")
 			b.ReportMetric(float64(wait.Microseconds())/float64(b.N)/1000, "run+wait-ms/op")
 		})
+	}
+}
+
+// TestRecoverAfterKilledExecutor kills an executor (a child process of the
+// test) while its sandbox runs, and checks that the next start destroys
+// the orphaned container, its cgroup and its directories.
+func TestRecoverAfterKilledExecutor(t *testing.T) {
+	if os.Getenv("TVIXFARM_SANDBOX_CHILD") != "" {
+		return
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root")
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestKilledExecutorChild$", "-test.v")
+	cmd.Env = append(os.Environ(), "TVIXFARM_SANDBOX_CHILD="+dir)
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		if _, err := fmt.Sscanf(sc.Text(), "sandbox pid %d", &pid); err == nil {
+			break
+		}
+	}
+	if pid == 0 {
+		cmd.Process.Kill()
+		cmd.Wait()
+		t.Fatal("child did not start a sandbox")
+	}
+	cmd.Process.Signal(syscall.SIGKILL)
+	cmd.Wait()
+	if err := syscall.Kill(pid, 0); err != nil {
+		t.Fatalf("the sandbox died with its executor (%v); the test proves nothing", err)
+	}
+	b, err := NewRunc(RuncOptions{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for syscall.Kill(pid, 0) == nil {
+		if time.Now().After(deadline) {
+			t.Fatalf("sandbox process %d still alive after recovery", pid)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dir, "state")); len(ents) != 0 {
+		t.Errorf("container state left: %v", ents)
+	}
+	if ents, _ := os.ReadDir(filepath.Join(dir, "slots")); len(ents) != 0 {
+		t.Errorf("sandbox directories left: %v", ents)
+	}
+	cg, _ := filepath.Glob("/sys/fs/cgroup/pids/tvixfarm/tf-*")
+	for _, c := range cg {
+		if procs, _ := os.ReadFile(filepath.Join(c, "cgroup.procs")); len(procs) > 0 {
+			t.Errorf("cgroup %s still has processes", c)
+		}
+	}
+}
+
+// TestKilledExecutorChild is the executor that TestRecoverAfterKilledExecutor kills.
+func TestKilledExecutorChild(t *testing.T) {
+	dir := os.Getenv("TVIXFARM_SANDBOX_CHILD")
+	if dir == "" {
+		t.Skip("helper of TestRecoverAfterKilledExecutor")
+	}
+	b, err := NewRunc(RuncOptions{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, err := b.Acquire(context.Background(), Shape{Layout: Chroot, Writable: []string{"build"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	busyboxRoot(t, in.InputRoot())
+	go in.Run(context.Background(), &Command{Args: []string{"/bin/busybox", "sleep", "1000"}, Dir: "build"})
+	ri := in.(*runcInstance)
+	for ri.proc == nil {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(200 * time.Millisecond)
+	pid, _ := ri.proc.Pid()
+	fmt.Printf("sandbox pid %d\n", pid)
+	select {}
+}
+
+func TestPreparedSandboxIsUsed(t *testing.T) {
+	shape := Shape{Layout: Chroot, Writable: []string{"build", "nix/store"}}
+	b, err := NewRunc(RuncOptions{Dir: t.TempDir(), Prewarm: 1, Seed: []Shape{shape}})
+	if err != nil {
+		t.Skip(err)
+	}
+	defer b.Close()
+	for i := 0; i < 3; i++ {
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			b.mu.Lock()
+			n := len(b.pool)
+			b.mu.Unlock()
+			if n > 0 || time.Now().After(deadline) {
+				break
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		in, err := b.Acquire(context.Background(), Shape{Layout: Chroot, Writable: []string{"nix/store", "build/"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		busyboxRoot(t, in.InputRoot())
+		res, err := in.Run(context.Background(), &Command{Args: []string{"/bin/sh", "-c", "echo $0 $$ $(id -u) $FOO"}, Argv0: "sh", Env: []string{"FOO=bar"}, Dir: "build"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !res.Warm {
+			t.Errorf("run %d: the prepared sandbox was not used", i)
+		}
+		if out := readOut(t, res.Stdout); out != "sh 1 1000 bar\n" {
+			t.Errorf("run %d: stdout %q stderr %q", i, out, readOut(t, res.Stderr))
+		}
+		in.Release()
+	}
+}
+
+func TestUnsandboxedRefuses(t *testing.T) {
+	u, err := NewUnsandboxed(t.TempDir(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer u.Close()
+	for _, s := range []Shape{{Layout: Chroot}, {Layout: HostRoot, Network: NetworkNone}, {Layout: HostRoot, Limits: Limits{Pids: 10}}} {
+		if _, err := u.Acquire(context.Background(), s); !errors.Is(err, ErrUnsupported) {
+			t.Errorf("shape %+v: err %v, want ErrUnsupported", s, err)
+		}
+	}
+	in, err := u.Acquire(context.Background(), Shape{Layout: HostRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Release()
+	res, err := in.Run(context.Background(), &Command{Args: []string{"/bin/sh", "-c", "echo hi; exit 4"}})
+	if err != nil || res.ExitCode != 4 || readOut(t, res.Stdout) != "hi\n" {
+		t.Fatalf("%v %+v", err, res)
+	}
+	if _, err := in.Run(context.Background(), &Command{Args: []string{"true"}, PTY: true}); !errors.Is(err, ErrUnsupported) {
+		t.Errorf("pty: %v", err)
 	}
 }

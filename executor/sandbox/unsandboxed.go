@@ -131,9 +131,6 @@ func (in *plainInstance) Run(ctx context.Context, c *Command) (*Result, error) {
 	}
 	cmd := &exec.Cmd{Path: prog, Args: args, Env: c.Env, Dir: dir, Stdout: stdout, Stderr: stderr,
 		SysProcAttr: &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}}
-	if os.Geteuid() == 0 {
-		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: UID, Gid: GID}
-	}
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintf(stderr, "tvixfarm sandbox: %v\n", err)
