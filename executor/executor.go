@@ -87,6 +87,11 @@ type Config struct {
 	// DefaultTimeout applies to actions that set none (default 3h);
 	// MaxTimeout caps what actions may ask for (default 24h).
 	DefaultTimeout, MaxTimeout time.Duration
+	// Dir is a directory of the executor's own, on the file system of the
+	// sandboxes' input roots: the /etc files Nix's sandbox has are kept
+	// there and hardlinked into input roots that lack them (creating
+	// files costs milliseconds on busy disks here; a link does not).
+	Dir string
 	// InlineLimit bounds stdout and stderr inlined into results on request
 	// (default 64 KiB).
 	InlineLimit int64
@@ -132,6 +137,37 @@ func New(cfg Config, cas blobstore.BlobAccess, mat *inputs.Materializer, sb sand
 	}
 	return &Executor{cfg: cfg, cas: cas, mat: mat, sb: sb, slots: make(chan struct{}, cfg.Slots), log: log}
 }
+
+// Init prepares the executor's directory; New's caller runs it once.
+func (e *Executor) Init() error {
+	if e.cfg.Dir == "" {
+		return nil
+	}
+	etc := filepath.Join(e.cfg.Dir, "etc")
+	if err := os.MkdirAll(etc, 0o755); err != nil {
+		return fmt.Errorf("executor: %w", err)
+	}
+	for name, content := range nixEtc {
+		p := filepath.Join(etc, name)
+		tmp := p + ".tmp"
+		if err := os.WriteFile(tmp, []byte(content), 0o444); err != nil {
+			return fmt.Errorf("executor: %w", err)
+		}
+		if err := os.Rename(tmp, p); err != nil {
+			return fmt.Errorf("executor: %w", err)
+		}
+	}
+	return nil
+}
+
+// nixEtc are the /etc files of Nix's sandbox.
+var nixEtc = map[string]string{"passwd": sandbox.NixPasswd, "group": sandbox.NixGroup, "hosts": sandbox.NixHosts}
+
+// Name is the worker name the executor puts in results.
+func (e *Executor) Name() string { return e.cfg.Name }
+
+// Running is the number of actions running now.
+func (e *Executor) Running() int { return len(e.slots) }
 
 // Slots is the number of actions the executor runs at once.
 func (e *Executor) Slots() int { return e.cfg.Slots }
@@ -551,12 +587,16 @@ func (e *Executor) prepareRoot(root string, p *plan) error {
 		if err := os.MkdirAll(etc, 0o755); err != nil {
 			return err
 		}
-		for name, content := range map[string]string{"passwd": sandbox.NixPasswd, "group": sandbox.NixGroup, "hosts": sandbox.NixHosts} {
+		for name, content := range nixEtc {
 			f := filepath.Join(etc, name)
-			if _, err := os.Lstat(f); errors.Is(err, os.ErrNotExist) {
-				if err := os.WriteFile(f, []byte(content), 0o644); err != nil {
-					return err
-				}
+			if _, err := os.Lstat(f); !errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if e.cfg.Dir != "" && os.Link(filepath.Join(e.cfg.Dir, "etc", name), f) == nil {
+				continue
+			}
+			if err := os.WriteFile(f, []byte(content), 0o444); err != nil {
+				return err
 			}
 		}
 	}

@@ -55,8 +55,11 @@ func newEnvWith(t testing.TB, dir string, sb sandbox.Sandbox) *testEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cache.Close() })
-	e := New(Config{Name: "test-worker", Features: []string{"kvm", "big-parallel"}, Slots: 2, DefaultTimeout: time.Minute},
+	e := New(Config{Name: "test-worker", Dir: dir + "/executor", Features: []string{"kvm", "big-parallel"}, Slots: 2, DefaultTimeout: time.Minute},
 		cas, inputs.NewMaterializer(cache, 64<<20), sb)
+	if err := e.Init(); err != nil {
+		t.Fatal(err)
+	}
 	return &testEnv{t: t, fn: digest.SHA256, cas: cas, sb: sb, exec: e}
 }
 

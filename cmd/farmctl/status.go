@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -35,6 +36,12 @@ func statusCmd(args []string) error {
 	}
 	fmt.Printf("farm     %s\nversion  %s\nroles    %v\ndata     %s\nuptime   %s\n\n", *farm, st.Version, st.Roles, st.DataDir,
 		time.Since(time.Unix(st.StartedUnix, 0)).Round(time.Second))
+	if e := st.Executor; e != nil {
+		fmt.Printf("executor %s: %d/%d slots busy\nplatform %s\n\n", e.Name, e.Running, e.Slots, strings.Join(e.Platform, " "))
+	}
+	if len(st.Stores) == 0 {
+		return nil
+	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "instance\tstore\tbackend\tblobs\tbytes\tmax\n")
 	for _, s := range st.Stores {

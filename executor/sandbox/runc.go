@@ -356,6 +356,13 @@ func (b *Runc) prepare(s Shape) {
 	}()
 }
 
+// Prepared is the number of sandboxes prepared and waiting for a command.
+func (b *Runc) Prepared() int {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return len(b.pool)
+}
+
 // Close destroys the prepared sandboxes and waits for background work.
 func (b *Runc) Close() error {
 	b.mu.Lock()

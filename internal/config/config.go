@@ -32,6 +32,51 @@ type Config struct {
 	LogLevel string `yaml:"log_level"`
 	// Storage configures the CAS and the action cache.
 	Storage Storage `yaml:"storage"`
+	// Executor configures the executor role.
+	Executor Executor `yaml:"executor"`
+	// Role is the set of roles this process runs (flag --role); it is
+	// not part of the file.
+	Role string `yaml:"-"`
+}
+
+// Executor configures the executor role: the worker that runs actions in
+// sandboxes. Zero values mean the defaults documented on each field.
+type Executor struct {
+	// Name identifies the worker in results (default: the host name).
+	Name string `yaml:"name"`
+	// Slots is the number of actions run at once (default: CPUs).
+	Slots int `yaml:"slots"`
+	// Systems are the Nix systems built for (default [x86_64-linux]).
+	Systems []string `yaml:"systems"`
+	// Features are the Nix system features offered (kvm, big-parallel...).
+	Features []string `yaml:"features"`
+	// Sandbox is runc (default: libcontainer, embedded) or unsandboxed
+	// (development only: no isolation, refuses Nix actions).
+	Sandbox string `yaml:"sandbox"`
+	// Prewarm is how many sandboxes are prepared ahead of time (default:
+	// slots; 0 disables).
+	Prewarm *int `yaml:"prewarm"`
+	// DefaultTimeout applies to actions without one (default 3h);
+	// MaxTimeout caps what actions may ask (default 24h).
+	DefaultTimeout Duration `yaml:"default_timeout"`
+	MaxTimeout     Duration `yaml:"max_timeout"`
+	// CacheSize bounds the local input file cache (default 10 GiB).
+	CacheSize Size `yaml:"cache_size"`
+	// Limits are the limits of actions that ask for none.
+	Limits Limits `yaml:"limits"`
+	// HostPaths are the host paths of the read-only root that non-Nix
+	// actions see (default: /usr, /bin, /lib*, /etc essentials).
+	HostPaths []string `yaml:"host_paths"`
+	// Storage is the address of the farm's storage (REAPI CAS) for an
+	// executor that runs without the storage role.
+	Storage string `yaml:"storage"`
+}
+
+// Limits bound an action's resources; zero is no limit.
+type Limits struct {
+	Memory Size    `yaml:"memory"`
+	Pids   int64   `yaml:"pids"`
+	CPUs   float64 `yaml:"cpus"`
 }
 
 // Storage configures the content-addressable store and the action cache.
@@ -185,6 +230,7 @@ func Parse(data []byte) (*Config, error) {
 		cfg.Storage.UploadIdleTimeout = doc.Storage.UploadIdleTimeout
 	}
 	cfg.Storage.Instances = doc.Storage.Instances
+	cfg.Executor = doc.Executor
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -273,6 +319,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.UploadIdleTimeout < 0 {
 		return errors.New("storage.upload_idle_timeout: must not be negative")
+	}
+	if err := c.Executor.validate(); err != nil {
+		return err
 	}
 	return nil
 }
@@ -380,5 +429,33 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 		return fmt.Errorf("line %d: invalid duration %q (want e.g. 30s, 5m)", n.Line, n.Value)
 	}
 	*d = Duration(v)
+	return nil
+}
+
+func (e *Executor) validate() error {
+	switch e.Sandbox {
+	case "", "runc", "unsandboxed":
+	default:
+		return fmt.Errorf("executor.sandbox: %q is not one of runc, unsandboxed", e.Sandbox)
+	}
+	switch {
+	case e.Slots < 0:
+		return errors.New("executor.slots: must not be negative")
+	case e.Prewarm != nil && *e.Prewarm < 0:
+		return errors.New("executor.prewarm: must not be negative")
+	case e.DefaultTimeout < 0:
+		return errors.New("executor.default_timeout: must not be negative")
+	case e.MaxTimeout < 0:
+		return errors.New("executor.max_timeout: must not be negative")
+	case e.CacheSize < 0:
+		return errors.New("executor.cache_size: must not be negative")
+	case e.Limits.Memory < 0 || e.Limits.Pids < 0 || e.Limits.CPUs < 0:
+		return errors.New("executor.limits: must not be negative")
+	}
+	for _, p := range e.HostPaths {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p {
+			return fmt.Errorf("executor.host_paths: %q is not a clean absolute path", p)
+		}
+	}
 	return nil
 }

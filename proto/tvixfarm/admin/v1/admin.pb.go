@@ -71,7 +71,9 @@ type StatusResponse struct {
 	// The stores, one per instance and kind.
 	Stores []*StoreStatus `protobuf:"bytes,4,rep,name=stores,proto3" json:"stores,omitempty"`
 	// The data directory.
-	DataDir       string `protobuf:"bytes,5,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"`
+	DataDir string `protobuf:"bytes,5,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"`
+	// The executor, if this process runs the executor role.
+	Executor      *ExecutorStatus `protobuf:"bytes,6,opt,name=executor,proto3" json:"executor,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -141,6 +143,85 @@ func (x *StatusResponse) GetDataDir() string {
 	return ""
 }
 
+func (x *StatusResponse) GetExecutor() *ExecutorStatus {
+	if x != nil {
+		return x.Executor
+	}
+	return nil
+}
+
+type ExecutorStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Worker name in action results.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Actions run at once.
+	Slots int32 `protobuf:"varint,2,opt,name=slots,proto3" json:"slots,omitempty"`
+	// Advertised platform properties, "name=value", sorted.
+	Platform []string `protobuf:"bytes,3,rep,name=platform,proto3" json:"platform,omitempty"`
+	// Actions running now.
+	Running       int32 `protobuf:"varint,4,opt,name=running,proto3" json:"running,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecutorStatus) Reset() {
+	*x = ExecutorStatus{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecutorStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecutorStatus) ProtoMessage() {}
+
+func (x *ExecutorStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecutorStatus.ProtoReflect.Descriptor instead.
+func (*ExecutorStatus) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ExecutorStatus) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ExecutorStatus) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
+}
+
+func (x *ExecutorStatus) GetPlatform() []string {
+	if x != nil {
+		return x.Platform
+	}
+	return nil
+}
+
+func (x *ExecutorStatus) GetRunning() int32 {
+	if x != nil {
+		return x.Running
+	}
+	return 0
+}
+
 type StoreStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Instance name the store serves; empty for the default stores.
@@ -161,7 +242,7 @@ type StoreStatus struct {
 
 func (x *StoreStatus) Reset() {
 	*x = StoreStatus{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -173,7 +254,7 @@ func (x *StoreStatus) String() string {
 func (*StoreStatus) ProtoMessage() {}
 
 func (x *StoreStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -186,7 +267,7 @@ func (x *StoreStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreStatus.ProtoReflect.Descriptor instead.
 func (*StoreStatus) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *StoreStatus) GetInstance() string {
@@ -236,13 +317,19 @@ var File_tvixfarm_admin_v1_admin_proto protoreflect.FileDescriptor
 const file_tvixfarm_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x1dtvixfarm/admin/v1/admin.proto\x12\x11tvixfarm.admin.v1\"\x0f\n" +
-	"\rStatusRequest\"\xb6\x01\n" +
+	"\rStatusRequest\"\xf5\x01\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x14\n" +
 	"\x05roles\x18\x02 \x03(\tR\x05roles\x12!\n" +
 	"\fstarted_unix\x18\x03 \x01(\x03R\vstartedUnix\x126\n" +
 	"\x06stores\x18\x04 \x03(\v2\x1e.tvixfarm.admin.v1.StoreStatusR\x06stores\x12\x19\n" +
-	"\bdata_dir\x18\x05 \x01(\tR\adataDir\"\xa0\x01\n" +
+	"\bdata_dir\x18\x05 \x01(\tR\adataDir\x12=\n" +
+	"\bexecutor\x18\x06 \x01(\v2!.tvixfarm.admin.v1.ExecutorStatusR\bexecutor\"p\n" +
+	"\x0eExecutorStatus\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05slots\x18\x02 \x01(\x05R\x05slots\x12\x1a\n" +
+	"\bplatform\x18\x03 \x03(\tR\bplatform\x12\x18\n" +
+	"\arunning\x18\x04 \x01(\x05R\arunning\"\xa0\x01\n" +
 	"\vStoreStatus\x12\x1a\n" +
 	"\binstance\x18\x01 \x01(\tR\binstance\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x18\n" +
@@ -265,21 +352,23 @@ func file_tvixfarm_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_tvixfarm_admin_v1_admin_proto_rawDescData
 }
 
-var file_tvixfarm_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_tvixfarm_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
 var file_tvixfarm_admin_v1_admin_proto_goTypes = []any{
 	(*StatusRequest)(nil),  // 0: tvixfarm.admin.v1.StatusRequest
 	(*StatusResponse)(nil), // 1: tvixfarm.admin.v1.StatusResponse
-	(*StoreStatus)(nil),    // 2: tvixfarm.admin.v1.StoreStatus
+	(*ExecutorStatus)(nil), // 2: tvixfarm.admin.v1.ExecutorStatus
+	(*StoreStatus)(nil),    // 3: tvixfarm.admin.v1.StoreStatus
 }
 var file_tvixfarm_admin_v1_admin_proto_depIdxs = []int32{
-	2, // 0: tvixfarm.admin.v1.StatusResponse.stores:type_name -> tvixfarm.admin.v1.StoreStatus
-	0, // 1: tvixfarm.admin.v1.Admin.Status:input_type -> tvixfarm.admin.v1.StatusRequest
-	1, // 2: tvixfarm.admin.v1.Admin.Status:output_type -> tvixfarm.admin.v1.StatusResponse
-	2, // [2:3] is the sub-list for method output_type
-	1, // [1:2] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	3, // 0: tvixfarm.admin.v1.StatusResponse.stores:type_name -> tvixfarm.admin.v1.StoreStatus
+	2, // 1: tvixfarm.admin.v1.StatusResponse.executor:type_name -> tvixfarm.admin.v1.ExecutorStatus
+	0, // 2: tvixfarm.admin.v1.Admin.Status:input_type -> tvixfarm.admin.v1.StatusRequest
+	1, // 3: tvixfarm.admin.v1.Admin.Status:output_type -> tvixfarm.admin.v1.StatusResponse
+	3, // [3:4] is the sub-list for method output_type
+	2, // [2:3] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_tvixfarm_admin_v1_admin_proto_init() }
@@ -293,7 +382,7 @@ func file_tvixfarm_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tvixfarm_admin_v1_admin_proto_rawDesc), len(file_tvixfarm_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   3,
+			NumMessages:   4,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
