@@ -2,6 +2,7 @@ package executor
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"testing"
 	"time"
@@ -23,12 +24,19 @@ func BenchmarkTrivialAction(b *testing.B) {
 	for _, mode := range []struct {
 		name    string
 		prewarm int
-	}{{"warm", 1}, {"cold", 0}} {
+		paths   int // extra store paths in the input closure, 10 files each
+	}{{"warm", 1, 0}, {"cold", 0, 0}, {"warm-closure-100", 1, 100}, {"warm-closure-1000", 1, 1000}} {
 		b.Run(mode.name, func(b *testing.B) {
 			e := newEnv(b, mode.prewarm)
 			a := e.nixAction("", func(a *action) {
 				a.args = []string{"/" + busyboxPath + "/bin/busybox", "touch", "/nix/store/abc-out"}
 				a.outputs = []string{"../nix/store/abc-out"}
+				for i := 0; i < mode.paths; i++ {
+					for j := 0; j < 10; j++ {
+						dir := fmt.Sprintf("nix/store/%032d-pkg%d/%s", i, i, []string{"bin", "lib", "share/doc"}[j%3])
+						a.root[fmt.Sprintf("%s/f%d", dir, j)] = file(fmt.Sprintf("file %d of package %d\n", j, i))
+					}
+				}
 			})
 			ad := e.upload(a)
 			run := func() *repb.ExecuteResponse {
