@@ -32,7 +32,7 @@ test-short:
 
 # Go benchmarks of the storage backends and services.
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./cas/...
+	$(GO) test -run '^$$' -bench . -benchmem ./cas/... ./executor/...
 
 # Short fuzzing runs of the parsers that face the network.
 fuzz:
