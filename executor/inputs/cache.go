@@ -31,6 +31,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/digest"
@@ -256,7 +258,8 @@ func (c *Cache) Stats() CacheStats {
 // same mode. dst must not exist.
 //
 // A fetch error is returned wrapped with the digest and keeps its gRPC
-// status: blobstore.IsNotFound reports a blob missing from the CAS.
+// status: blobstore.IsNotFound reports a blob missing from the CAS. Data
+// that does not match d is a DATA_LOSS error and is not cached.
 func (c *Cache) Link(ctx context.Context, d digest.Digest, executable bool, dst string) error {
 	_, err := c.link(ctx, d, executable, dst)
 	return err
@@ -390,6 +393,16 @@ func (c *Cache) read(ctx context.Context, d digest.Digest, f *os.File) error {
 		_, err = io.CopyBuffer(writerOnly{f}, readerOnly{r}, make([]byte, d.Size()+1))
 	} else {
 		_, err = io.Copy(f, r)
+	}
+	return corruptError(err)
+}
+
+// corruptError turns the INVALID_ARGUMENT error of verifying a blob read
+// from the CAS into DATA_LOSS, as the CAS backends report corrupt data:
+// the fault is the store's, not the client's.
+func corruptError(err error) error {
+	if status.Code(err) == codes.InvalidArgument {
+		return status.Errorf(codes.DataLoss, "the CAS served corrupt data: %s", status.Convert(err).Message())
 	}
 	return err
 }

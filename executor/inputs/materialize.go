@@ -126,7 +126,8 @@ type symlinkNode struct {
 // root, or one of more than 4Mi entries (files, directories and symlinks,
 // a shared subtree counted once for each of its paths), yields an
 // INVALID_ARGUMENT error. Blobs missing from the CAS yield a
-// *MissingBlobsError listing them all. On any error dst may hold part of
+// *MissingBlobsError listing them all; blobs the CAS serves corrupt, a
+// DATA_LOSS error. On any error dst may hold part of
 // the tree; the caller removes it.
 func (m *Materializer) Materialize(ctx context.Context, root digest.Digest, dst string, opts MaterializeOptions) (MaterializeStats, error) {
 	var stats MaterializeStats
@@ -372,7 +373,7 @@ func (m *Materializer) readDirectory(ctx context.Context, d digest.Digest) (*dir
 	// A CAS backend verifies what it serves; check again before trusting
 	// the message for as long as it stays in memory.
 	if err := d.Verify(data); err != nil {
-		return nil, err
+		return nil, corruptError(err)
 	}
 	return parseDirectory(d, data)
 }

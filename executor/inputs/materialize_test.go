@@ -424,8 +424,8 @@ func TestMaterializeCorrupt(t *testing.T) {
 
 	root := cas.dir(t, file("good", good, false), file("bad", bad, false))
 	_, err := m.Materialize(ctx, root, newDst(t), MaterializeOptions{Parallelism: 1})
-	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), bad.String()) {
-		t.Fatalf("error %v, want INVALID_ARGUMENT naming %s", err, bad)
+	if status.Code(err) != codes.DataLoss || !strings.Contains(err.Error(), bad.String()) {
+		t.Fatalf("error %v, want DATA_LOSS naming %s", err, bad)
 	}
 	if _, err := os.Lstat(c.path(cacheKey{d: bad})); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("corrupt blob is in the cache: %v", err)
@@ -452,8 +452,8 @@ func TestMaterializeCorrupt(t *testing.T) {
 		cas.mu.Unlock()
 		root := cas.dir(t, subdir("sub", sub))
 		_, err := m.Materialize(ctx, root, newDst(t), MaterializeOptions{})
-		if status.Code(err) != codes.InvalidArgument {
-			t.Fatalf("error %v, want INVALID_ARGUMENT", err)
+		if status.Code(err) != codes.DataLoss {
+			t.Fatalf("error %v, want DATA_LOSS", err)
 		}
 		if m.cached(sub) != nil {
 			t.Error("corrupt directory is cached")

@@ -237,7 +237,9 @@ func TestPreparedSandboxIsUsed(t *testing.T) {
 }
 
 func TestUnsandboxedRefuses(t *testing.T) {
-	u, err := NewUnsandboxed(t.TempDir(), nil)
+	dir := t.TempDir()
+	os.Chmod(filepath.Dir(dir), 0o711)
+	u, err := NewUnsandboxed(dir, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

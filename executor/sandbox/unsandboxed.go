@@ -19,7 +19,9 @@ import (
 // development on machines without runc, is chosen explicitly in the
 // configuration, and refuses what it cannot give: Nix actions (they need
 // the input root as their root file system), an explicit request for no
-// network, resource limits and a pty.
+// network, resource limits and a pty. Run as root, it runs commands as
+// uid 1000 (the hardlinked inputs must stay read-only to them); the path
+// to its directory must then be searchable by that user.
 type Unsandboxed struct {
 	slots   string
 	trash   *trash
@@ -37,9 +39,11 @@ func NewUnsandboxed(dir string, log *slog.Logger) (*Unsandboxed, error) {
 	}
 	log.Warn("SANDBOX DISABLED: actions run as plain processes that can read the whole machine and use its network; use only for development")
 	u := &Unsandboxed{slots: filepath.Join(dir, "slots")}
-	if err := os.MkdirAll(u.slots, 0o700); err != nil {
+	if err := os.MkdirAll(u.slots, 0o711); err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
+	os.Chmod(dir, 0o711) // the build user must reach its directory
+	os.Chmod(u.slots, 0o711)
 	var ctx context.Context
 	ctx, u.cancel = context.WithCancel(context.Background())
 	var err error
@@ -131,6 +135,11 @@ func (in *plainInstance) Run(ctx context.Context, c *Command) (*Result, error) {
 	}
 	cmd := &exec.Cmd{Path: prog, Args: args, Env: c.Env, Dir: dir, Stdout: stdout, Stderr: stderr,
 		SysProcAttr: &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}}
+	if os.Geteuid() == 0 {
+		// As root the build could write through the hardlinks into the
+		// input cache: run it as the sandbox user.
+		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: UID, Gid: GID}
+	}
 	t0 := time.Now()
 	if err := cmd.Start(); err != nil {
 		fmt.Fprintf(stderr, "tvixfarm sandbox: %v\n", err)
