@@ -56,7 +56,7 @@ func serve(args []string) error {
 	listen := fs.String("listen", "", "gRPC listen address (default 127.0.0.1:8980)")
 	data := fs.String("data", "", "data directory (default /var/lib/tvixfarm as root, else $XDG_DATA_HOME/tvixfarm)")
 	cfgPath := fs.String("config", "", "configuration file (YAML); every setting has a default")
-	role := fs.String("role", "all", "roles to run: all (today: the storage services)")
+	role := fs.String("role", "all", "roles to run: all (storage and executor in one process), storage or executor")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error (overrides the config)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -65,9 +65,9 @@ func serve(args []string) error {
 		return fmt.Errorf("serve: unexpected argument %q", fs.Arg(0))
 	}
 	switch *role {
-	case "all", "storage":
+	case "all", "storage", "executor":
 	default:
-		return fmt.Errorf("serve: unknown role %q (known: all, storage)", *role)
+		return fmt.Errorf("serve: unknown role %q (known: all, storage, executor)", *role)
 	}
 	cfg := config.Default()
 	if *cfgPath != "" {
@@ -85,6 +85,7 @@ func serve(args []string) error {
 	if *logLevel != "" {
 		cfg.LogLevel = *logLevel
 	}
+	cfg.Role = *role
 	if err := cfg.Validate(); err != nil {
 		return err
 	}

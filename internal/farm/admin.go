@@ -22,7 +22,7 @@ type adminServer struct {
 func (a *adminServer) Status(ctx context.Context, req *adminpb.StatusRequest) (*adminpb.StatusResponse, error) {
 	resp := &adminpb.StatusResponse{
 		Version:     Version,
-		Roles:       []string{"storage"},
+		Roles:       a.f.roles(),
 		StartedUnix: a.started.Unix(),
 		DataDir:     a.f.cfg.Data,
 	}
@@ -38,6 +38,16 @@ func (a *adminServer) Status(ctx context.Context, req *adminpb.StatusRequest) (*
 			})
 		}
 	}
+	if e := a.f.exec; e != nil {
+		es := &adminpb.ExecutorStatus{Name: e.Name(), Slots: int32(e.Slots()), Running: int32(e.Running())}
+		for _, p := range e.Platform().Properties {
+			es.Platform = append(es.Platform, p.Name+"="+p.Value)
+		}
+		resp.Executor = es
+	}
+	if a.f.stores == nil {
+		return resp, nil
+	}
 	add("", a.f.stores.Default)
 	names := make([]string, 0, len(a.f.stores.ByName))
 	for n := range a.f.stores.ByName {
@@ -48,4 +58,16 @@ func (a *adminServer) Status(ctx context.Context, req *adminpb.StatusRequest) (*
 		add(n, a.f.stores.ByName[n])
 	}
 	return resp, nil
+}
+
+// roles lists the roles this process runs.
+func (f *Farm) roles() []string {
+	var rs []string
+	if f.stores != nil {
+		rs = append(rs, "storage")
+	}
+	if f.exec != nil {
+		rs = append(rs, "executor")
+	}
+	return rs
 }

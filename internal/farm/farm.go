@@ -1,6 +1,6 @@
 // Package farm assembles tvixfarm's roles from a configuration into one
-// gRPC server: today the storage services (CAS, ByteStream, ActionCache,
-// Capabilities); later the scheduler, executor and frontend roles.
+// gRPC server: the storage services (CAS, ByteStream, ActionCache,
+// Capabilities) and the executor; later the scheduler and frontend roles.
 package farm
 
 import (
@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -27,6 +28,7 @@ import (
 
 	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/grpcservers"
+	"tvixfarm/executor"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/rpc"
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
@@ -43,6 +45,7 @@ type Farm struct {
 	closers []io.Closer
 	cancel  context.CancelFunc
 	metrics *http.Server
+	exec    *executor.Executor
 }
 
 // New opens the storage and binds the listener; Serve serves it.
@@ -51,12 +54,44 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
 	f := &Farm{cfg: cfg, log: log}
-	stores, err := NewStores(cfg.Storage, cfg.Data, log, &f.closers)
-	if err != nil {
-		f.closeAll()
-		return nil, err
+	role := cfg.Role
+	if role == "" {
+		role = "all"
 	}
-	f.stores = stores
+	var stores *blobstore.Instances
+	if role == "all" || role == "storage" {
+		var err error
+		if stores, err = NewStores(cfg.Storage, cfg.Data, log, &f.closers); err != nil {
+			f.closeAll()
+			return nil, err
+		}
+		f.stores = stores
+	}
+	if role == "all" || role == "executor" {
+		var cas blobstore.BlobAccess
+		if stores != nil {
+			cas = stores.For("").CAS
+		} else {
+			if cfg.Executor.Storage == "" {
+				f.closeAll()
+				return nil, errors.New("executor role: executor.storage (the farm's storage address) must be set when the storage role runs elsewhere")
+			}
+			conn, err := grpc.NewClient(cfg.Executor.Storage, grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(grpcservers.MaxRecvMsgSize)))
+			if err != nil {
+				f.closeAll()
+				return nil, fmt.Errorf("executor role: storage %s: %w", cfg.Executor.Storage, err)
+			}
+			f.closers = append(f.closers, conn)
+			cas = blobstore.NewGRPC(conn, "", blobstore.GRPCOptions{})
+		}
+		e, err := f.newExecutor(cfg.Executor, cfg.Data, cas, log)
+		if err != nil {
+			f.closeAll()
+			return nil, err
+		}
+		f.exec = e
+	}
 	lis, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		f.closeAll()
@@ -75,10 +110,12 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 		grpc.ChainUnaryInterceptor(unaryLogger(log)),
 		grpc.ChainStreamInterceptor(streamLogger(log)),
 	)
-	repb.RegisterCapabilitiesServer(f.srv, &grpcservers.CapabilitiesServer{})
-	repb.RegisterContentAddressableStorageServer(f.srv, grpcservers.NewCASServer(stores))
-	repb.RegisterActionCacheServer(f.srv, grpcservers.NewActionCacheServer(stores))
-	bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
+	if stores != nil {
+		repb.RegisterCapabilitiesServer(f.srv, &grpcservers.CapabilitiesServer{})
+		repb.RegisterContentAddressableStorageServer(f.srv, grpcservers.NewCASServer(stores))
+		repb.RegisterActionCacheServer(f.srv, grpcservers.NewActionCacheServer(stores))
+		bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
+	}
 	adminpb.RegisterAdminServer(f.srv, &adminServer{f: f, started: time.Now()})
 	f.health = health.NewServer()
 	healthpb.RegisterHealthServer(f.srv, f.health)
@@ -89,7 +126,11 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 // Addr is the address the farm listens on.
 func (f *Farm) Addr() string { return f.lis.Addr().String() }
 
-// Stores returns the farm's storage.
+// Executor returns the in-process executor, or nil if this process does
+// not run the executor role.
+func (f *Farm) Executor() *executor.Executor { return f.exec }
+
+// Stores returns the farm's storage (nil without the storage role).
 func (f *Farm) Stores() *blobstore.Instances { return f.stores }
 
 // Serve serves until ctx ends, then stops gracefully: in-flight requests
