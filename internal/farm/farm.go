@@ -151,7 +151,7 @@ func (f *Farm) Serve(ctx context.Context) error {
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- f.srv.Serve(f.lis) }()
-	f.log.Info("tvixfarm serving", "listen", f.Addr(), "data", f.cfg.Data, "roles", "storage")
+	f.log.Info("tvixfarm serving", "listen", f.Addr(), "data", f.cfg.Data, "roles", f.roles())
 	select {
 	case err := <-errc:
 		f.closeAll()
