@@ -296,6 +296,7 @@ func wantNotStored(t testing.TB, ba blobstore.BlobAccess, d digest.Digest) {
 }
 
 func TestGRPCRoundTrip(t *testing.T) {
+	t.Parallel()
 	rng := blobstoretest.Rand(t)
 	sizes := []int{0, 1, 100 << 10, 3 << 20, 9 << 20}
 	for _, cfg := range grpcConfigs {
