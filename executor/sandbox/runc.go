@@ -18,7 +18,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	_ "github.com/opencontainers/cgroups/devices" // device rules need the devices cgroup driver
@@ -630,20 +629,7 @@ func (in *runcInstance) Run(ctx context.Context, cmd *Command) (*Result, error) 
 	if w.st == nil {
 		return nil, fmt.Errorf("sandbox: wait: %w", w.err)
 	}
-	if ws, ok := w.st.Sys().(syscall.WaitStatus); ok {
-		switch {
-		case ws.Exited():
-			res.ExitCode = ws.ExitStatus()
-		case ws.Signaled():
-			res.Signal = int(ws.Signal())
-			res.ExitCode = 128 + res.Signal
-		}
-	}
-	if ru, ok := w.st.SysUsage().(*syscall.Rusage); ok {
-		res.UserTime = time.Duration(ru.Utime.Nano())
-		res.SystemTime = time.Duration(ru.Stime.Nano())
-		res.MaxRSS = ru.Maxrss * 1024
-	}
+	res.setExit(w.st)
 	res.OOMKilled = in.oomKilled()
 	if userErr != "" {
 		fmt.Fprintf(in.stderr, "tvixfarm sandbox: %s\n", userErr)

@@ -14,9 +14,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -175,6 +177,25 @@ type Result struct {
 	Warm bool
 	// Timings break the sandbox's own overhead down, for benchmarks.
 	Timings Timings
+}
+
+// setExit records how a reaped process ended: its exit code (128+signal
+// for a killed one, as shells report it) and its resource usage.
+func (r *Result) setExit(st *os.ProcessState) {
+	if ws, ok := st.Sys().(syscall.WaitStatus); ok {
+		switch {
+		case ws.Exited():
+			r.ExitCode = ws.ExitStatus()
+		case ws.Signaled():
+			r.Signal = int(ws.Signal())
+			r.ExitCode = 128 + r.Signal
+		}
+	}
+	if ru, ok := st.SysUsage().(*syscall.Rusage); ok {
+		r.UserTime = time.Duration(ru.Utime.Nano())
+		r.SystemTime = time.Duration(ru.Stime.Nano())
+		r.MaxRSS = ru.Maxrss * 1024
+	}
 }
 
 // Timings are the sandbox's own costs for one run.

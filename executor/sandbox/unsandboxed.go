@@ -169,21 +169,7 @@ func (in *plainInstance) Run(ctx context.Context, c *Command) (*Result, error) {
 		return nil, ctx.Err()
 	}
 	res.Exited = time.Now()
-	st := cmd.ProcessState
-	if ws, ok := st.Sys().(syscall.WaitStatus); ok {
-		switch {
-		case ws.Exited():
-			res.ExitCode = ws.ExitStatus()
-		case ws.Signaled():
-			res.Signal = int(ws.Signal())
-			res.ExitCode = 128 + res.Signal
-		}
-	}
-	if ru, ok := st.SysUsage().(*syscall.Rusage); ok {
-		res.UserTime = time.Duration(ru.Utime.Nano())
-		res.SystemTime = time.Duration(ru.Stime.Nano())
-		res.MaxRSS = ru.Maxrss * 1024
-	}
+	res.setExit(cmd.ProcessState)
 	return res, nil
 }
 

@@ -1,6 +1,7 @@
 package farm
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -84,13 +85,6 @@ func (f *Farm) newExecutor(cfg config.Executor, dataDir string, cas blobstore.Bl
 	if err := e.Init(); err != nil {
 		return nil, err
 	}
-	log.Info("executor ready", "slots", slots, "sandbox", cmp(cfg.Sandbox, "runc"), "platform", e.Platform().String())
+	log.Info("executor ready", "slots", slots, "sandbox", cmp.Or(cfg.Sandbox, "runc"), "platform", e.Platform().String())
 	return e, nil
-}
-
-func cmp(s, def string) string {
-	if s == "" {
-		return def
-	}
-	return s
 }
