@@ -24,10 +24,16 @@ func BenchmarkTrivialAction(b *testing.B) {
 	for _, mode := range []struct {
 		name    string
 		prewarm int
-		paths   int // extra store paths in the input closure, 10 files each
-	}{{"warm", 1, 0}, {"cold", 0, 0}, {"warm-closure-100", 1, 100}, {"warm-closure-1000", 1, 1000}} {
+		paths   int  // extra store paths in the input closure, 10 files each
+		links   bool // hardlink every input file for every action (no layers)
+	}{{"warm", 1, 0, false}, {"cold", 0, 0, false},
+		{"warm-closure-100", 1, 100, false}, {"warm-closure-1000", 1, 1000, false},
+		{"warm-closure-100-hardlinks", 1, 100, true}, {"warm-closure-1000-hardlinks", 1, 1000, true}} {
 		b.Run(mode.name, func(b *testing.B) {
 			e := newEnv(b, mode.prewarm)
+			if mode.links {
+				e = newEnvLayers(b, b.TempDir(), e.sb, false)
+			}
 			a := e.nixAction("", func(a *action) {
 				a.args = []string{"/" + busyboxPath + "/bin/busybox", "touch", "/nix/store/abc-out"}
 				a.outputs = []string{"../nix/store/abc-out"}

@@ -95,6 +95,11 @@ type Config struct {
 	// InlineLimit bounds stdout and stderr inlined into results on request
 	// (default 64 KiB).
 	InlineLimit int64
+	// Layers, if set, gives Nix actions their store paths (the entries
+	// of nix/store in the input root) as one overlay of layers shared
+	// across actions, rather than hardlinking every file of the closure
+	// for every action.
+	Layers *inputs.Layers
 	// Logger receives the executor's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -250,8 +255,19 @@ func (e *Executor) Execute(ctx context.Context, req *Request) (*repb.ExecuteResp
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "action %s: input root digest: %v", req.Action, err)
 	}
-	if _, err := e.mat.Materialize(ctx, rootDigest, in.InputRoot(), inputs.MaterializeOptions{}); err != nil {
-		return nil, inputError(req.Action, err)
+	if plan.shape.Overlay == "" {
+		if _, err := e.mat.Materialize(ctx, rootDigest, in.InputRoot(), inputs.MaterializeOptions{}); err != nil {
+			return nil, inputError(req.Action, err)
+		}
+	} else {
+		set, _, err := e.cfg.Layers.Materialize(ctx, rootDigest, in.InputRoot(), plan.shape.Overlay, inputs.MaterializeOptions{})
+		if err != nil {
+			set.Release()
+			return nil, inputError(req.Action, err)
+		}
+		if err := in.Overlay(set.Dirs(), set.Release); err != nil {
+			return nil, status.Errorf(codes.Internal, "action %s: %v", req.Action, err)
+		}
 	}
 	if err := e.prepareRoot(in.InputRoot(), plan); err != nil {
 		return nil, status.Errorf(codes.Internal, "action %s: %v", req.Action, err)
@@ -325,6 +341,10 @@ func (e *Executor) Execute(ctx context.Context, req *Request) (*repb.ExecuteResp
 		"start", res.Timings.Start, "create", res.Timings.Create, "run", res.Exited.Sub(res.Started))
 	return resp, nil
 }
+
+// storeDir is where Nix actions have their store paths, relative to the
+// input root.
+const storeDir = "nix/store"
 
 // plan is how an action will run.
 type plan struct {
@@ -463,6 +483,9 @@ func (e *Executor) plan(action *repb.Action, cmd *repb.Command) (*plan, error) {
 		if !underDir(parent, wd) {
 			p.shape.Writable = append(p.shape.Writable, parent)
 		}
+	}
+	if p.nix && e.cfg.Layers != nil && slices.ContainsFunc(p.shape.Writable, func(w string) bool { return underDir(storeDir, w) }) {
+		p.shape.Overlay = storeDir
 	}
 	timeout := e.cfg.DefaultTimeout
 	if t := action.Timeout; t != nil {

@@ -48,15 +48,30 @@ func newEnv(t testing.TB, prewarm int) *testEnv {
 	return newEnvWith(t, dir, sb)
 }
 
+// newEnvWith starts an executor on sb; Nix actions get their store paths
+// as an overlay of layers, as in production, unless sb is unsandboxed.
 func newEnvWith(t testing.TB, dir string, sb sandbox.Sandbox) *testEnv {
+	_, runc := sb.(*sandbox.Runc)
+	return newEnvLayers(t, dir, sb, runc)
+}
+
+func newEnvLayers(t testing.TB, dir string, sb sandbox.Sandbox, layered bool) *testEnv {
 	cas := blobstore.NewMemory(blobstore.CAS, 1<<30)
 	cache, err := inputs.NewCache(dir+"/cache", 1<<30, cas)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { cache.Close() })
-	e := New(Config{Name: "test-worker", Dir: dir + "/executor", Features: []string{"kvm", "big-parallel"}, Slots: 2, DefaultTimeout: time.Minute},
-		cas, inputs.NewMaterializer(cache, 64<<20), sb)
+	mat := inputs.NewMaterializer(cache, 64<<20)
+	var layers *inputs.Layers
+	if layered {
+		if layers, err = inputs.NewLayers(mat, dir+"/layers", 1<<30); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { layers.Close() })
+	}
+	e := New(Config{Name: "test-worker", Dir: dir + "/executor", Features: []string{"kvm", "big-parallel"}, Slots: 2, DefaultTimeout: time.Minute, Layers: layers},
+		cas, mat, sb)
 	if err := e.Init(); err != nil {
 		t.Fatal(err)
 	}

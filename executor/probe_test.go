@@ -555,3 +555,38 @@ func TestCommandNotFound(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q", code, errs)
 	}
 }
+
+// TestLargeClosure runs a Nix action whose input closure has 1,200 store
+// paths (more than one overlay takes): the builder sees every one, its
+// store is an overlay, and its output is collected from it.
+func TestLargeClosure(t *testing.T) {
+	e := newEnv(t, 1)
+	const n = 1200
+	script := `
+ls /nix/store | wc -l
+cat /nix/store/00000000000000000000000000000000-p0/share/f /nix/store/00000000000000000000000000001199-p1199/share/f
+grep ' /nix/store ' /proc/self/mountinfo | grep -q ' - overlay ' && echo overlay
+mkdir $out && ls /nix/store | wc -l > $out/count
+`
+	a := e.nixAction(script, func(a *action) {
+		for i := range n {
+			a.root[fmt.Sprintf("nix/store/%032d-p%d/share/f", i, i)] = file(fmt.Sprintf("path %d\n", i))
+		}
+		a.env["out"] = "/nix/store/abc-out"
+		a.outputs = []string{"../nix/store/abc-out"}
+	})
+	for run := range 2 { // the second run finds its layers ready
+		resp := e.run(a)
+		out := e.blob(resp.Result.StdoutDigest)
+		if resp.Result.ExitCode != 0 {
+			t.Fatalf("run %d: exit %d: %s %s", run, resp.Result.ExitCode, out, e.blob(resp.Result.StderrDigest))
+		}
+		want := fmt.Sprintf("%d\npath 0\npath 1199\noverlay\n", n+1) // + busybox
+		if out != want {
+			t.Errorf("run %d: stdout %q, want %q", run, out, want)
+		}
+		if len(resp.Result.OutputDirectories) != 1 {
+			t.Fatalf("run %d: outputs %v", run, resp.Result)
+		}
+	}
+}

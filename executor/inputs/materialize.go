@@ -130,6 +130,15 @@ type symlinkNode struct {
 // DATA_LOSS error. On any error dst may hold part of
 // the tree; the caller removes it.
 func (m *Materializer) Materialize(ctx context.Context, root digest.Digest, dst string, opts MaterializeOptions) (MaterializeStats, error) {
+	stats, _, err := m.materialize(ctx, root, dst, opts, "")
+	return stats, err
+}
+
+// materialize is Materialize, except that if split names a directory of
+// the tree (a clean relative path such as "nix/store"), that directory is
+// created empty and its Directory is returned: its entries are left to the
+// caller (see Layers).
+func (m *Materializer) materialize(ctx context.Context, root digest.Digest, dst string, opts MaterializeOptions, split string) (MaterializeStats, *directory, error) {
 	var stats MaterializeStats
 	dst = filepath.Clean(dst)
 	workers := opts.Parallelism
@@ -137,24 +146,28 @@ func (m *Materializer) Materialize(ctx context.Context, root digest.Digest, dst 
 		workers = defaultParallelism
 	}
 	if fi, err := os.Lstat(dst); err != nil {
-		return stats, fmt.Errorf("input root: %w", err)
+		return stats, nil, fmt.Errorf("input root: %w", err)
 	} else if !fi.IsDir() {
-		return stats, fmt.Errorf("input root: %s is not a directory", dst)
+		return stats, nil, fmt.Errorf("input root: %s is not a directory", dst)
 	}
 
 	start := time.Now()
-	tree, err := m.fetchTree(ctx, root, &stats)
+	tree, splitDir, err := m.fetchTree(ctx, root, split, &stats)
 	stats.TreeDuration = time.Since(start)
 	if err != nil {
-		return stats, err
+		return stats, nil, err
 	}
 	if n := countEntries(tree, root, make(map[digest.Digest]int64)); n > maxEntries {
-		return stats, status.Errorf(codes.InvalidArgument, "input root %s has more than %d entries", root, maxEntries)
+		return stats, nil, status.Errorf(codes.InvalidArgument, "input root %s has more than %d entries", root, maxEntries)
 	}
 
-	files, err := createDirectories(ctx, workers, tree, root, dst, &stats)
+	skip := ""
+	if splitDir != nil {
+		skip = dst + "/" + split
+	}
+	files, err := createDirectories(ctx, workers, tree, root, dst, skip, &stats)
 	if err != nil {
-		return stats, err
+		return stats, nil, err
 	}
 
 	var fetched, cached atomic.Int64
@@ -179,30 +192,41 @@ func (m *Materializer) Materialize(ctx context.Context, root digest.Digest, dst 
 	})
 	stats.FilesFetched, stats.FilesCached = fetched.Load(), cached.Load()
 	if err != nil {
-		return stats, err
+		return stats, nil, err
 	}
-	return stats, missing.err()
+	return stats, splitDir, missing.err()
 }
 
 // fetchTree returns the Directory messages of the tree root, by digest.
-// It fetches them level by level, each level in parallel.
-func (m *Materializer) fetchTree(ctx context.Context, root digest.Digest, stats *MaterializeStats) (map[digest.Digest]*directory, error) {
+// It fetches them level by level, each level in parallel. The entries of
+// the directory at path split are not descended into (unless the same
+// Directory also appears elsewhere); that Directory is returned, or nil if
+// the tree has no directory at split.
+func (m *Materializer) fetchTree(ctx context.Context, root digest.Digest, split string, stats *MaterializeStats) (map[digest.Digest]*directory, *directory, error) {
+	type item struct {
+		d      digest.Digest
+		path   string
+		expand bool
+	}
 	tree := make(map[digest.Digest]*directory)
-	paths := map[digest.Digest]string{root: "."} // where each digest was first seen
-	level := []digest.Digest{root}
+	expanded := map[digest.Digest]bool{root: true}
+	queued := map[digest.Digest]bool{root: true}
+	level := []item{{root, ".", true}}
+	var splitD digest.Digest
+	var hasSplit bool
 	var fetched atomic.Int64
 	defer func() { stats.DirectoriesFetched = fetched.Load() }()
 	for len(level) > 0 {
 		dirs := make([]*directory, len(level))
 		var missing missingSet
 		err := forEach(ctx, treeParallelism, len(level), func(ctx context.Context, i int) error {
-			dir, wasFetched, err := m.directory(ctx, level[i])
+			dir, wasFetched, err := m.directory(ctx, level[i].d)
 			if blobstore.IsNotFound(err) {
-				missing.add(level[i], paths[level[i]])
+				missing.add(level[i].d, level[i].path)
 				return nil
 			}
 			if err != nil {
-				return fmt.Errorf("input directory %s: %w", paths[level[i]], err)
+				return fmt.Errorf("input directory %s: %w", level[i].path, err)
 			}
 			if wasFetched {
 				fetched.Add(1)
@@ -211,24 +235,40 @@ func (m *Materializer) fetchTree(ctx context.Context, root digest.Digest, stats 
 			return nil
 		})
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := missing.err(); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		var next []digest.Digest
+		var next []item
 		for i, dir := range dirs {
-			tree[level[i]] = dir
+			it := level[i]
+			tree[it.d] = dir
+			if !it.expand {
+				continue
+			}
 			for _, sub := range dir.dirs {
-				if _, seen := paths[sub.d]; !seen {
-					paths[sub.d] = join(paths[level[i]], sub.name)
-					next = append(next, sub.d)
+				p := join(it.path, sub.name)
+				if p == split {
+					splitD, hasSplit = sub.d, true
+					if !queued[sub.d] {
+						queued[sub.d] = true
+						next = append(next, item{sub.d, p, false})
+					}
+					continue
+				}
+				if !expanded[sub.d] {
+					expanded[sub.d], queued[sub.d] = true, true
+					next = append(next, item{sub.d, p, true})
 				}
 			}
 		}
 		level = next
 	}
-	return tree, nil
+	if !hasSplit {
+		return tree, nil, nil
+	}
+	return tree, tree[splitD], nil
 }
 
 // countEntries returns the number of entries below the directory d of
@@ -240,6 +280,9 @@ func countEntries(tree map[digest.Digest]*directory, d digest.Digest, memo map[d
 		return n
 	}
 	dir := tree[d]
+	if dir == nil {
+		return 0 // below a split directory: not part of this tree
+	}
 	n := int64(len(dir.files) + len(dir.dirs) + len(dir.symlinks))
 	for _, sub := range dir.dirs {
 		if n += countEntries(tree, sub.d, memo); n > maxEntries {
@@ -258,8 +301,9 @@ type fileJob struct {
 }
 
 // createDirectories creates the directories and symlinks of tree below
-// dst, level by level, and returns the files to link.
-func createDirectories(ctx context.Context, workers int, tree map[digest.Digest]*directory, root digest.Digest, dst string, stats *MaterializeStats) ([]fileJob, error) {
+// dst, level by level, and returns the files to link. The entries of the
+// directory skip (a path below dst) are left out.
+func createDirectories(ctx context.Context, workers int, tree map[digest.Digest]*directory, root digest.Digest, dst, skip string, stats *MaterializeStats) ([]fileJob, error) {
 	type dirJob struct {
 		path string
 		dir  *directory
@@ -267,6 +311,7 @@ func createDirectories(ctx context.Context, workers int, tree map[digest.Digest]
 	var files []fileJob
 	level := []dirJob{{path: dst, dir: tree[root]}}
 	for len(level) > 0 {
+		level = slices.DeleteFunc(level, func(j dirJob) bool { return j.path == skip })
 		for _, job := range level {
 			for i := range job.dir.files {
 				f := &job.dir.files[i]

@@ -143,6 +143,13 @@ func NewRunc(opts RuncOptions) (*Runc, error) {
 		}
 	}
 	b.ctx, b.cancel = context.WithCancel(context.Background())
+	// Overlays and shared binds of sandboxes outlive a killed executor:
+	// detach them before anything below is removed.
+	for _, d := range []string{filepath.Join(opts.Dir, "slots"), filepath.Join(opts.Dir, "trash")} {
+		if err := unmountUnder(d); err != nil {
+			return nil, err
+		}
+	}
 	b.trash, err = newTrash(b.ctx, filepath.Join(opts.Dir, "trash"), log, &b.trashWG)
 	if err != nil {
 		return nil, err
@@ -395,6 +402,8 @@ type runcInstance struct {
 	memCgroup      string
 	createTime     time.Duration
 	released       bool
+	mounted        bool   // something may be mounted below dir
+	overlayDone    func() // called once the overlay is unmounted
 }
 
 func newID() string {
@@ -416,6 +425,13 @@ func (b *Runc) newInstance(s Shape) (*runcInstance, error) {
 			return nil, fmt.Errorf("sandbox: writable directory %q: %w", w, err)
 		}
 	}
+	if s.Overlay != "" {
+		in.mounted = true
+		if err := makeShared(filepath.Join(in.root, s.Overlay)); err != nil {
+			in.Release()
+			return nil, err
+		}
+	}
 	var err error
 	if in.stdout, err = os.OpenFile(filepath.Join(in.dir, "stdout"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600); err == nil {
 		in.stderr, err = os.OpenFile(filepath.Join(in.dir, "stderr"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
@@ -428,6 +444,23 @@ func (b *Runc) newInstance(s Shape) (*runcInstance, error) {
 }
 
 func (in *runcInstance) InputRoot() string { return in.root }
+
+// Overlay mounts the layers at the shape's overlay directory. In a
+// prepared sandbox the mount propagates into the container, whose copy of
+// the directory is a slave of the shared mount newInstance made.
+func (in *runcInstance) Overlay(layers []string, done func()) error {
+	if in.shape.Overlay == "" || in.overlayDone != nil {
+		if done != nil {
+			done()
+		}
+		return errors.New("sandbox: the shape has no overlay directory, or it is mounted already")
+	}
+	if done == nil {
+		done = func() {}
+	}
+	in.overlayDone = done
+	return overlay(filepath.Join(in.root, in.shape.Overlay), in.dir, layers)
+}
 
 // create makes the container and starts the stub in it, and returns once
 // the stub is ready for a command.
@@ -771,6 +804,17 @@ func (in *runcInstance) Release() {
 		defer b.wg.Done()
 		if in.c != nil {
 			destroyContainer(in.c)
+		}
+		if in.mounted {
+			if err := unmountUnder(in.dir); err != nil {
+				// Never remove a tree with mounts in it, nor let its
+				// layers go.
+				b.log.Error("sandbox: cannot unmount; leaving the directory", "dir", in.dir, "err", err)
+				return
+			}
+		}
+		if in.overlayDone != nil {
+			in.overlayDone()
 		}
 		b.trash.put(in.dir)
 	}()

@@ -166,6 +166,9 @@ func TestRecoverAfterKilledExecutor(t *testing.T) {
 	if ents, _ := os.ReadDir(filepath.Join(dir, "slots")); len(ents) != 0 {
 		t.Errorf("sandbox directories left: %v", ents)
 	}
+	if ms := mountsUnder(t, dir); len(ms) != 0 {
+		t.Errorf("mounts left: %q", ms)
+	}
 	// Only this container's cgroup: other packages' tests run sandboxes
 	// under the same parent at the same time.
 	if cg := filepath.Join("/sys/fs/cgroup/pids/tvixfarm", id); id == "" {
@@ -185,11 +188,15 @@ func TestKilledExecutorChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	in, err := b.Acquire(context.Background(), Shape{Layout: Chroot, Writable: []string{"build"}})
+	in, err := b.Acquire(context.Background(), Shape{Layout: Chroot, Writable: []string{"build", "nix/store"}, Overlay: "nix/store"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	busyboxRoot(t, in.InputRoot())
+	// An overlay, whose mounts outlive the process.
+	if err := in.Overlay(makeLayers(t, 2), nil); err != nil {
+		t.Fatal(err)
+	}
 	go in.Run(context.Background(), &Command{Args: []string{"/bin/busybox", "sleep", "1000"}, Dir: "build"})
 	ri := in.(*runcInstance)
 	for ri.proc == nil {
@@ -262,5 +269,116 @@ func TestUnsandboxedRefuses(t *testing.T) {
 	}
 	if _, err := in.Run(context.Background(), &Command{Args: []string{"true"}, PTY: true}); !errors.Is(err, ErrUnsupported) {
 		t.Errorf("pty: %v", err)
+	}
+}
+
+// makeLayers returns n layer directories in a temporary directory, each
+// holding a store path p<i> with a read-only file f, as inputs.Layers
+// makes them.
+func makeLayers(t testing.TB, n int) []string {
+	t.Helper()
+	base := t.TempDir()
+	layers := make([]string, n)
+	for i := range layers {
+		layers[i] = filepath.Join(base, fmt.Sprint(i))
+		p := filepath.Join(layers[i], fmt.Sprintf("p%d", i))
+		if err := os.MkdirAll(p, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(p, "f"), []byte(fmt.Sprintf("layer %d\n", i)), 0o444); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return layers
+}
+
+// mountsUnder lists the mountpoints at or below dir.
+func mountsUnder(t testing.TB, dir string) []string {
+	t.Helper()
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ms []string
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			ms = append(ms, f[4])
+		}
+	}
+	return ms
+}
+
+// TestOverlay mounts store paths as an overlay in prepared and new
+// sandboxes, with few layers and with more than one overlay takes: the
+// build sees every store path, cannot change them, and writes its outputs
+// to the upper layer, where the host reads them; Release unmounts all.
+func TestOverlay(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		prewarm int
+		layers  int
+	}{{"cold-3", 0, 3}, {"warm-3", 1, 3}, {"warm-1001", 1, 1001}} {
+		t.Run(tc.name, func(t *testing.T) {
+			shape := Shape{Layout: Chroot, Writable: []string{"build", "nix/store"}, Overlay: "nix/store"}
+			if os.Geteuid() != 0 {
+				t.Skip("needs root")
+			}
+			dir := t.TempDir()
+			b, err := NewRunc(RuncOptions{Dir: dir, Prewarm: tc.prewarm, Seed: []Shape{shape}, Defaults: Limits{Pids: 1024}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			deadline := time.Now().Add(10 * time.Second)
+			for tc.prewarm > 0 && b.Prepared() == 0 && time.Now().Before(deadline) {
+				time.Sleep(5 * time.Millisecond)
+			}
+			in, err := b.Acquire(context.Background(), shape)
+			if err != nil {
+				t.Fatal(err)
+			}
+			busyboxRoot(t, in.InputRoot())
+			layers := makeLayers(t, tc.layers)
+			done := make(chan struct{})
+			if err := in.Overlay(layers, func() { close(done) }); err != nil {
+				t.Fatal(err)
+			}
+			store := filepath.Join(in.InputRoot(), "nix/store")
+			os.Chown(store, 0, GID)
+			os.Chmod(store, 0o1775)
+			os.Chown(filepath.Join(in.InputRoot(), "build"), UID, GID)
+			last := tc.layers - 1
+			script := fmt.Sprintf(`ls /nix/store | wc -l; cat /nix/store/p0/f /nix/store/p%d/f
+echo x > /nix/store/p0/f 2>/dev/null && echo wrote-input
+touch /nix/store/p0/new 2>/dev/null && echo wrote-input-dir
+mkdir /nix/store/out && echo built > /nix/store/out/o && echo ok`, last)
+			res, err := in.Run(context.Background(), &Command{Args: []string{"/bin/sh", "-c", script}, Env: []string{"PATH=/bin"}, Dir: "build"})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if res.Warm != (tc.prewarm > 0) {
+				t.Errorf("warm = %v", res.Warm)
+			}
+			want := fmt.Sprintf("%d\nlayer 0\nlayer %d\nok\n", tc.layers, last)
+			if out := readOut(t, res.Stdout); out != want || res.ExitCode != 0 {
+				t.Errorf("exit %d, stdout %q (want %q), stderr %q", res.ExitCode, out, want, readOut(t, res.Stderr))
+			}
+			if got, err := os.ReadFile(filepath.Join(store, "out/o")); err != nil || string(got) != "built\n" {
+				t.Errorf("output through the overlay: %q, %v", got, err)
+			}
+			if ents, _ := os.ReadDir(filepath.Join(layers[0], "p0")); len(ents) != 1 {
+				t.Errorf("layer 0 changed: %v", ents)
+			}
+			slot := filepath.Dir(in.InputRoot())
+			in.Release()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Fatal("the layers were not released")
+			}
+			if ms := mountsUnder(t, slot); len(ms) != 0 {
+				t.Errorf("mounts left after Release: %q", ms)
+			}
+		})
 	}
 }

@@ -94,6 +94,12 @@ type Shape struct {
 	// outputs). Everything else of the input root is mounted read-only.
 	// "" means the whole input root. Acquire creates missing ones.
 	Writable []string
+	// Overlay, if set, is a directory relative to the input root (such
+	// as "nix/store", which must also be Writable) where the caller will
+	// mount an overlay of read-only layers with Instance.Overlay. Its
+	// contents are then what the command sees there; what the command
+	// writes goes to an upper layer private to the sandbox.
+	Overlay string
 	// Limits are applied when the command starts; they do not change the
 	// shape, since they can be set on a prepared sandbox.
 	Limits Limits
@@ -101,7 +107,7 @@ type Shape struct {
 
 // Key identifies the shape for pooling (limits excluded).
 func (s Shape) Key() string {
-	return fmt.Sprintf("%s/%d/%s", s.Layout, s.Network, strings.Join(s.Writable, "\x00"))
+	return fmt.Sprintf("%s/%d/%s/%s", s.Layout, s.Network, s.Overlay, strings.Join(s.Writable, "\x00"))
 }
 
 // Normalize cleans and validates Writable: relative, no "..", sorted, and
@@ -125,6 +131,14 @@ func (s *Shape) Normalize() error {
 		out = append(out, w)
 	}
 	s.Writable = out
+	if s.Overlay != "" {
+		if c := path.Clean("/" + s.Overlay)[1:]; path.IsAbs(s.Overlay) || c != s.Overlay {
+			return fmt.Errorf("overlay directory %q is not a clean relative path", s.Overlay)
+		}
+		if !slices.ContainsFunc(s.Writable, func(w string) bool { return within(s.Overlay, w) }) {
+			return fmt.Errorf("overlay directory %q is not writable", s.Overlay)
+		}
+	}
 	return nil
 }
 
@@ -220,6 +234,14 @@ type Instance interface {
 	// InputRoot is the host directory to fill with the input root. It
 	// may already contain the writable directories and mountpoints.
 	InputRoot() string
+	// Overlay mounts, at the shape's Overlay directory, an overlay of the
+	// layers (host directories whose entries must not collide) below a
+	// writable upper layer, before Run. The layers must stay unchanged
+	// until Release, which unmounts it. Outputs the command writes there
+	// are read through InputRoot until Release. done, if not nil, is
+	// called once the layers are no longer used, at the latest when
+	// Release has unmounted the overlay.
+	Overlay(layers []string, done func()) error
 	// Run runs the command and waits for it. An error means the sandbox
 	// failed (the farm's fault); a command that fails is a Result.
 	Run(ctx context.Context, c *Command) (*Result, error)

@@ -66,6 +66,8 @@ func (u *Unsandboxed) Acquire(ctx context.Context, s Shape) (Instance, error) {
 		return nil, fmt.Errorf("network isolation: %w", ErrUnsupported)
 	case s.Limits != (Limits{}):
 		return nil, fmt.Errorf("resource limits: %w", ErrUnsupported)
+	case s.Overlay != "":
+		return nil, fmt.Errorf("overlays: %w", ErrUnsupported)
 	}
 	if err := s.Normalize(); err != nil {
 		return nil, err
@@ -99,6 +101,14 @@ type plainInstance struct {
 }
 
 func (in *plainInstance) InputRoot() string { return in.root }
+
+// Overlay is not supported: Acquire refuses shapes with an overlay.
+func (in *plainInstance) Overlay(layers []string, done func()) error {
+	if done != nil {
+		done()
+	}
+	return fmt.Errorf("overlays: %w", ErrUnsupported)
+}
 
 func (in *plainInstance) Run(ctx context.Context, c *Command) (*Result, error) {
 	if c.PTY {

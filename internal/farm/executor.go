@@ -42,8 +42,9 @@ func (f *Farm) newExecutor(cfg config.Executor, dataDir string, cas blobstore.Bl
 		r, err := sandbox.NewRunc(sandbox.RuncOptions{
 			Dir:     filepath.Join(dir, "sandbox"),
 			Prewarm: prewarm,
-			// Nix builds run in /build and write to /nix/store.
-			Seed:      []sandbox.Shape{{Layout: sandbox.Chroot, Writable: []string{"build", "nix/store"}}},
+			// Nix builds run in /build and write to /nix/store, which is an
+			// overlay of their store paths.
+			Seed:      []sandbox.Shape{{Layout: sandbox.Chroot, Writable: []string{"build", "nix/store"}, Overlay: "nix/store"}},
 			Defaults:  sandbox.Limits{MemoryBytes: int64(cfg.Limits.Memory), Pids: cfg.Limits.Pids, CPUs: cfg.Limits.CPUs},
 			HostPaths: cfg.HostPaths,
 			Logger:    log,
@@ -72,6 +73,16 @@ func (f *Farm) newExecutor(cfg config.Executor, dataDir string, cas blobstore.Bl
 		return nil, fmt.Errorf("executor: %w", err)
 	}
 	f.closers = append(f.closers, cache)
+	mat := inputs.NewMaterializer(cache, 256<<20)
+	var layers *inputs.Layers
+	if cfg.Sandbox != "unsandboxed" {
+		// Store paths are materialised once each; their files are links
+		// to the cache, so the layers take a share of its bound.
+		if layers, err = inputs.NewLayers(mat, filepath.Join(dir, "layers"), cacheSize/2); err != nil {
+			return nil, fmt.Errorf("executor: %w", err)
+		}
+		f.closers = append(f.closers, layers)
+	}
 	e := executor.New(executor.Config{
 		Name:           cfg.Name,
 		Systems:        cfg.Systems,
@@ -80,8 +91,9 @@ func (f *Farm) newExecutor(cfg config.Executor, dataDir string, cas blobstore.Bl
 		DefaultTimeout: time.Duration(cfg.DefaultTimeout),
 		MaxTimeout:     time.Duration(cfg.MaxTimeout),
 		Dir:            filepath.Join(dir, "work"),
+		Layers:         layers,
 		Logger:         log,
-	}, cas, inputs.NewMaterializer(cache, 256<<20), sb)
+	}, cas, mat, sb)
 	if err := e.Init(); err != nil {
 		return nil, err
 	}
