@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"tvixfarm/internal/config"
@@ -56,7 +57,8 @@ func serve(args []string) error {
 	listen := fs.String("listen", "", "gRPC listen address (default 127.0.0.1:8980)")
 	data := fs.String("data", "", "data directory (default /var/lib/tvixfarm as root, else $XDG_DATA_HOME/tvixfarm)")
 	cfgPath := fs.String("config", "", "configuration file (YAML); every setting has a default")
-	role := fs.String("role", "all", "roles to run: all (storage and executor in one process), storage or executor")
+	role := fs.String("role", "all", "roles to run: all (storage, scheduler and executor in one process), or a comma-separated list of storage, scheduler, executor")
+	sched := fs.String("scheduler", "", "address of a scheduler node, for --role executor (overrides executor.scheduler)")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error (overrides the config)")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -64,10 +66,12 @@ func serve(args []string) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("serve: unexpected argument %q", fs.Arg(0))
 	}
-	switch *role {
-	case "all", "storage", "executor":
-	default:
-		return fmt.Errorf("serve: unknown role %q (known: all, storage, executor)", *role)
+	for _, r := range strings.Split(*role, ",") {
+		switch strings.TrimSpace(r) {
+		case "all", "storage", "scheduler", "executor":
+		default:
+			return fmt.Errorf("serve: unknown role %q (known: all, storage, scheduler, executor, or a comma-separated list)", r)
+		}
 	}
 	cfg := config.Default()
 	if *cfgPath != "" {
@@ -86,6 +90,9 @@ func serve(args []string) error {
 		cfg.LogLevel = *logLevel
 	}
 	cfg.Role = *role
+	if *sched != "" {
+		cfg.Executor.Scheduler = *sched
+	}
 	if err := cfg.Validate(); err != nil {
 		return err
 	}

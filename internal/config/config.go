@@ -34,6 +34,8 @@ type Config struct {
 	Storage Storage `yaml:"storage"`
 	// Executor configures the executor role.
 	Executor Executor `yaml:"executor"`
+	// Scheduler configures the scheduler role.
+	Scheduler Scheduler `yaml:"scheduler"`
 	// Role is the set of roles this process runs (flag --role); it is
 	// not part of the file.
 	Role string `yaml:"-"`
@@ -70,6 +72,56 @@ type Executor struct {
 	// Storage is the address of the farm's storage (REAPI CAS) for an
 	// executor that runs without the storage role.
 	Storage string `yaml:"storage"`
+	// Scheduler is the address of a scheduler node (any node of the
+	// cluster) for an executor that runs without the scheduler role
+	// (flag --scheduler). An all-in-one process connects its executor to
+	// its own scheduler.
+	Scheduler string `yaml:"scheduler"`
+}
+
+// Scheduler configures the scheduler role: a raft-replicated REAPI
+// Execution service. The defaults make a single node that bootstraps
+// itself.
+type Scheduler struct {
+	// NodeID names this node in the raft cluster (default "node1").
+	NodeID string `yaml:"node_id"`
+	// RaftListen is raft's address (default: the gRPC listen address
+	// with the port plus one, or an ephemeral port if that is 0).
+	RaftListen string `yaml:"raft_listen"`
+	// Advertise is the gRPC address other nodes forward calls to
+	// (default: the listen address).
+	Advertise string `yaml:"advertise"`
+	// Bootstrap forms a new cluster when the node has no raft state: of
+	// Peers, or of itself alone (default true; every initial peer may
+	// bootstrap with the same Peers). A node that joins a running
+	// cluster (farmctl members add) sets bootstrap: false.
+	Bootstrap *bool `yaml:"bootstrap"`
+	// Peers are the initial members: id and raft address of each.
+	Peers []Peer `yaml:"peers"`
+	// Storage is the address of the farm's storage (REAPI CAS and action
+	// cache) for a scheduler without the storage role.
+	Storage string `yaml:"storage"`
+	// HeartbeatInterval is how often workers send heartbeats (default
+	// 1s); a worker silent for WorkerTimeout (default 5s) is lost and
+	// its actions are requeued, at most MaxAttempts times (default 3).
+	HeartbeatInterval Duration `yaml:"heartbeat_interval"`
+	WorkerTimeout     Duration `yaml:"worker_timeout"`
+	MaxAttempts       int      `yaml:"max_attempts"`
+	// RetainCompleted is how long completed operations stay queryable
+	// (default 1h).
+	RetainCompleted Duration `yaml:"retain_completed"`
+	// PlatformGrace is how long an action that no connected worker could
+	// run waits for workers before it fails (default 30s).
+	PlatformGrace Duration `yaml:"platform_grace"`
+	// CancelOnDisconnect cancels an action when all its clients have
+	// disconnected (default false: it runs on and is cached).
+	CancelOnDisconnect bool `yaml:"cancel_on_disconnect"`
+}
+
+// Peer is a member of the scheduler's raft cluster.
+type Peer struct {
+	ID   string `yaml:"id"`
+	Raft string `yaml:"raft"`
 }
 
 // Limits bound an action's resources; zero is no limit.
@@ -231,6 +283,7 @@ func Parse(data []byte) (*Config, error) {
 	}
 	cfg.Storage.Instances = doc.Storage.Instances
 	cfg.Executor = doc.Executor
+	cfg.Scheduler = doc.Scheduler
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -319,6 +372,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Storage.UploadIdleTimeout < 0 {
 		return errors.New("storage.upload_idle_timeout: must not be negative")
+	}
+	if err := c.Scheduler.validate(); err != nil {
+		return err
 	}
 	if err := c.Executor.validate(); err != nil {
 		return err
@@ -434,9 +490,9 @@ func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
 
 func (e *Executor) validate() error {
 	switch e.Sandbox {
-	case "", "runc", "unsandboxed":
+	case "", "runc", "unsandboxed", "noop":
 	default:
-		return fmt.Errorf("executor.sandbox: %q is not one of runc, unsandboxed", e.Sandbox)
+		return fmt.Errorf("executor.sandbox: %q is not one of runc, unsandboxed, noop", e.Sandbox)
 	}
 	switch {
 	case e.Slots < 0:
@@ -456,6 +512,26 @@ func (e *Executor) validate() error {
 		if !filepath.IsAbs(p) || filepath.Clean(p) != p {
 			return fmt.Errorf("executor.host_paths: %q is not a clean absolute path", p)
 		}
+	}
+	return nil
+}
+
+func (s *Scheduler) validate() error {
+	switch {
+	case s.HeartbeatInterval < 0, s.WorkerTimeout < 0, s.RetainCompleted < 0, s.PlatformGrace < 0:
+		return errors.New("scheduler: durations must not be negative")
+	case s.MaxAttempts < 0:
+		return errors.New("scheduler.max_attempts: must not be negative")
+	}
+	seen := map[string]bool{}
+	for i, p := range s.Peers {
+		if p.ID == "" || p.Raft == "" {
+			return fmt.Errorf("scheduler.peers[%d]: id and raft are required", i)
+		}
+		if seen[p.ID] {
+			return fmt.Errorf("scheduler.peers[%d]: id %q given twice", i, p.ID)
+		}
+		seen[p.ID] = true
 	}
 	return nil
 }

@@ -66,7 +66,10 @@ func (f *Farm) roles() []string {
 	if f.stores != nil {
 		rs = append(rs, "storage")
 	}
-	if f.exec != nil {
+	if f.sched != nil {
+		rs = append(rs, "scheduler")
+	}
+	if f.runner != nil {
 		rs = append(rs, "executor")
 	}
 	return rs

@@ -1,6 +1,8 @@
 // Package farm assembles tvixfarm's roles from a configuration into one
 // gRPC server: the storage services (CAS, ByteStream, ActionCache,
-// Capabilities) and the executor; later the scheduler and frontend roles.
+// Capabilities), the scheduler (REAPI Execution, Operations and the worker
+// protocol, on a raft node) and the executor, which connects to the
+// scheduler as a worker; later the frontend.
 package farm
 
 import (
@@ -13,7 +15,11 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"strings"
+	"sync"
 	"time"
+
+	"cloud.google.com/go/longrunning/autogen/longrunningpb"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -27,11 +33,14 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"tvixfarm/cas/blobstore"
+	"tvixfarm/cas/digest"
 	"tvixfarm/cas/grpcservers"
 	"tvixfarm/executor"
+	"tvixfarm/executor/worker"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/rpc"
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
+	workerpb "tvixfarm/proto/tvixfarm/worker/v1"
 )
 
 // Farm is a running tvixfarm process.
@@ -46,6 +55,45 @@ type Farm struct {
 	cancel  context.CancelFunc
 	metrics *http.Server
 	exec    *executor.Executor
+	sched   *schedulerRole
+	// runner runs actions for the scheduler at schedAddr.
+	runner    worker.Runner
+	schedAddr string
+	workerWG  sync.WaitGroup
+}
+
+// parseRoles parses --role: all (storage, scheduler and executor), or a
+// comma-separated list of storage, scheduler and executor.
+func parseRoles(s string) (map[string]bool, error) {
+	if s == "" || s == "all" {
+		return map[string]bool{"storage": true, "scheduler": true, "executor": true}, nil
+	}
+	roles := map[string]bool{}
+	for _, r := range strings.Split(s, ",") {
+		switch r = strings.TrimSpace(r); r {
+		case "storage", "scheduler", "executor":
+			roles[r] = true
+		default:
+			return nil, fmt.Errorf("unknown role %q (known: all, storage, scheduler, executor, or a comma-separated list)", r)
+		}
+	}
+	return roles, nil
+}
+
+// executionCapabilities announces remote execution.
+func executionCapabilities() *repb.ExecutionCapabilities {
+	fns := make([]repb.DigestFunction_Value, len(digest.Functions))
+	for i, fn := range digest.Functions {
+		fns[i] = fn.Proto()
+	}
+	return &repb.ExecutionCapabilities{
+		DigestFunction:  repb.DigestFunction_SHA256,
+		DigestFunctions: fns,
+		ExecEnabled:     true,
+		ExecutionPriorityCapabilities: &repb.PriorityCapabilities{
+			Priorities: []*repb.PriorityCapabilities_PriorityRange{{MinPriority: -1 << 20, MaxPriority: 1 << 20}},
+		},
+	}
 }
 
 // New opens the storage and binds the listener; Serve serves it.
@@ -54,64 +102,122 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
 	f := &Farm{cfg: cfg, log: log}
-	role := cfg.Role
-	if role == "" {
-		role = "all"
+	roles, err := parseRoles(cfg.Role)
+	if err != nil {
+		return nil, err
 	}
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen: %w", err)
+	}
+	f.lis = lis
 	var stores *blobstore.Instances
-	if role == "all" || role == "storage" {
-		var err error
+	if roles["storage"] {
 		if stores, err = NewStores(cfg.Storage, cfg.Data, log, &f.closers); err != nil {
 			f.closeAll()
 			return nil, err
 		}
 		f.stores = stores
 	}
-	if role == "all" || role == "executor" {
-		var cas blobstore.BlobAccess
-		if stores != nil {
-			cas = stores.For("").CAS
-		} else {
-			if cfg.Executor.Storage == "" {
+	// A scheduler without local storage serves the storage services by
+	// proxying them to the storage it uses, so clients need one address.
+	var storageProxy *grpc.ClientConn
+	if roles["scheduler"] {
+		st := stores
+		if st == nil {
+			if cfg.Scheduler.Storage == "" {
 				f.closeAll()
-				return nil, errors.New("executor role: executor.storage (the farm's storage address) must be set when the storage role runs elsewhere")
+				return nil, errors.New("scheduler role: scheduler.storage (the farm's storage address) must be set when the storage role runs elsewhere")
 			}
-			conn, err := grpc.NewClient(cfg.Executor.Storage, grpc.WithTransportCredentials(insecure.NewCredentials()),
-				grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(grpcservers.MaxRecvMsgSize)))
-			if err != nil {
+			if st, storageProxy, err = f.remoteStores(cfg.Scheduler.Storage); err != nil {
 				f.closeAll()
-				return nil, fmt.Errorf("executor role: storage %s: %w", cfg.Executor.Storage, err)
+				return nil, fmt.Errorf("scheduler role: %w", err)
 			}
-			f.closers = append(f.closers, conn)
-			cas = blobstore.NewGRPC(conn, "", blobstore.GRPCOptions{})
 		}
-		e, err := f.newExecutor(cfg.Executor, cfg.Data, cas, log)
+		s, err := f.newScheduler(cfg.Scheduler, f.Addr(), st, log)
 		if err != nil {
 			f.closeAll()
 			return nil, err
 		}
-		f.exec = e
+		f.sched = s
+		f.closers = append(f.closers, s)
 	}
-	lis, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		f.closeAll()
-		return nil, fmt.Errorf("listen: %w", err)
+	if roles["executor"] {
+		f.schedAddr = cfg.Executor.Scheduler
+		if f.schedAddr == "" {
+			if !roles["scheduler"] {
+				f.closeAll()
+				return nil, errors.New("executor role: executor.scheduler (flag --scheduler, the address of any scheduler node) must be set when the scheduler role runs elsewhere")
+			}
+			f.schedAddr = f.Addr()
+		}
+		var cas blobstore.BlobAccess
+		switch {
+		case stores != nil:
+			cas = stores.For("").CAS
+		case cfg.Executor.Storage != "":
+			st, _, err := f.remoteStores(cfg.Executor.Storage)
+			if err != nil {
+				f.closeAll()
+				return nil, fmt.Errorf("executor role: %w", err)
+			}
+			cas = st.Default.CAS
+		default:
+			// The scheduler node proxies the storage services.
+			st, _, err := f.remoteStores(f.schedAddr)
+			if err != nil {
+				f.closeAll()
+				return nil, fmt.Errorf("executor role: %w", err)
+			}
+			cas = st.Default.CAS
+		}
+		if cfg.Executor.Sandbox == "noop" {
+			f.runner = worker.NoOp{N: cfg.Executor.Slots}
+			log.Warn("executor: no-op mode: actions succeed at once without running (for measuring the scheduler)")
+		} else {
+			e, err := f.newExecutor(cfg.Executor, cfg.Data, cas, log)
+			if err != nil {
+				f.closeAll()
+				return nil, err
+			}
+			f.exec = e
+			f.runner = e
+		}
 	}
-	f.lis = lis
 	bctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	f.cancel = cancel
-	f.srv = grpc.NewServer(
+	unary := []grpc.UnaryServerInterceptor{unaryLogger(log)}
+	streams := []grpc.StreamServerInterceptor{streamLogger(log)}
+	if f.sched != nil {
+		unary = append(unary, f.sched.fwd.UnaryInterceptor())
+		streams = append(streams, f.sched.fwd.StreamInterceptor())
+	}
+	opts := []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(grpcservers.MaxRecvMsgSize),
 		// Large flow-control windows: blobs are bulk transfers.
-		grpc.InitialWindowSize(16<<20), grpc.InitialConnWindowSize(16<<20),
-		grpc.WriteBufferSize(1<<20), grpc.ReadBufferSize(1<<20),
+		grpc.InitialWindowSize(16 << 20), grpc.InitialConnWindowSize(16 << 20),
+		grpc.WriteBufferSize(1 << 20), grpc.ReadBufferSize(1 << 20),
 		experimental.BufferPool(rpc.BufferPool()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
-		grpc.ChainUnaryInterceptor(unaryLogger(log)),
-		grpc.ChainStreamInterceptor(streamLogger(log)),
-	)
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(streams...),
+	}
+	if storageProxy != nil {
+		opts = append(opts, grpc.UnknownServiceHandler(rpc.ProxyHandler(storageProxy)))
+	}
+	f.srv = grpc.NewServer(opts...)
+	caps := &grpcservers.CapabilitiesServer{}
+	if f.sched != nil {
+		caps.Execution = executionCapabilities()
+		repb.RegisterExecutionServer(f.srv, f.sched.exec)
+		longrunningpb.RegisterOperationsServer(f.srv, f.sched.exec)
+		workerpb.RegisterWorkersServer(f.srv, f.sched.workers)
+		repb.RegisterCapabilitiesServer(f.srv, caps)
+	}
 	if stores != nil {
-		repb.RegisterCapabilitiesServer(f.srv, &grpcservers.CapabilitiesServer{})
+		if f.sched == nil {
+			repb.RegisterCapabilitiesServer(f.srv, caps)
+		}
 		repb.RegisterContentAddressableStorageServer(f.srv, grpcservers.NewCASServer(stores))
 		repb.RegisterActionCacheServer(f.srv, grpcservers.NewActionCacheServer(stores))
 		bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
@@ -151,6 +257,15 @@ func (f *Farm) Serve(ctx context.Context) error {
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- f.srv.Serve(f.lis) }()
+	wctx, stopWorker := context.WithCancel(ctx)
+	defer stopWorker()
+	if f.runner != nil {
+		if err := f.startWorker(wctx); err != nil {
+			f.srv.Stop()
+			f.closeAll()
+			return err
+		}
+	}
 	f.log.Info("tvixfarm serving", "listen", f.Addr(), "data", f.cfg.Data, "roles", f.roles())
 	select {
 	case err := <-errc:
@@ -159,6 +274,8 @@ func (f *Farm) Serve(ctx context.Context) error {
 	case <-ctx.Done():
 	}
 	f.log.Info("shutting down")
+	stopWorker()
+	f.workerWG.Wait()
 	f.health.Shutdown()
 	done := make(chan struct{})
 	go func() { f.srv.GracefulStop(); close(done) }()
@@ -177,6 +294,29 @@ func (f *Farm) Serve(ctx context.Context) error {
 func (f *Farm) Close() {
 	f.srv.Stop()
 	f.closeAll()
+}
+
+// startWorker connects the executor to the scheduler.
+func (f *Farm) startWorker(ctx context.Context) error {
+	conn, err := grpc.NewClient(f.schedAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("executor: scheduler %s: %w", f.schedAddr, err)
+	}
+	name := f.cfg.Executor.Name
+	if f.exec != nil {
+		name = f.exec.Name()
+	}
+	if name == "" {
+		name, _ = os.Hostname()
+	}
+	w := worker.New(conn, f.runner, worker.Config{ID: name, Logger: f.log})
+	f.workerWG.Add(1)
+	go func() {
+		defer f.workerWG.Done()
+		defer conn.Close()
+		w.Run(ctx)
+	}()
+	return nil
 }
 
 func (f *Farm) closeAll() {

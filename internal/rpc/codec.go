@@ -38,6 +38,9 @@ func message(v any) (proto.Message, error) {
 // Marshal encodes v into a pooled buffer (fully overwritten, so it needs no
 // zeroing).
 func (codec) Marshal(v any) (mem.BufferSlice, error) {
+	if f, ok := v.(*Frame); ok {
+		return mem.BufferSlice{mem.SliceBuffer(f.Data)}, nil
+	}
 	m, err := message(v)
 	if err != nil {
 		return nil, err
@@ -64,6 +67,10 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 // Unmarshal decodes data into v. proto.Unmarshal copies what it keeps, so
 // the buffer goes back to the pool at once.
 func (codec) Unmarshal(data mem.BufferSlice, v any) error {
+	if f, ok := v.(*Frame); ok {
+		f.Data = data.Materialize()
+		return nil
+	}
 	m, err := message(v)
 	if err != nil {
 		return err
@@ -71,4 +78,10 @@ func (codec) Unmarshal(data mem.BufferSlice, v any) error {
 	buf := data.MaterializeToBuffer(pool)
 	defer buf.Free()
 	return proto.Unmarshal(buf.ReadOnlyData(), m)
+}
+
+// Frame is an encoded message that the codec passes through untouched, in
+// both directions: a proxy receives and sends Frames without decoding.
+type Frame struct {
+	Data []byte
 }

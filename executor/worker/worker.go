@@ -1,0 +1,301 @@
+// Package worker connects an executor to the scheduler: it dials the
+// scheduler (so workers work behind NAT), registers the executor's
+// platform and slots, runs the actions it is assigned, and sends
+// heartbeats and results, reconnecting by itself when the stream breaks
+// or the scheduler's leader changes.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	"tvixfarm/cas/digest"
+	"tvixfarm/executor"
+	workerpb "tvixfarm/proto/tvixfarm/worker/v1"
+)
+
+// Runner runs actions: an *executor.Executor, or NoOp for measuring the
+// scheduler alone.
+type Runner interface {
+	Execute(ctx context.Context, req *executor.Request) (*repb.ExecuteResponse, error)
+	Platform() *repb.Platform
+	Slots() int
+}
+
+// Config configures a Worker.
+type Config struct {
+	// ID names the worker in the cluster; it must be stable across
+	// restarts and reconnects.
+	ID     string
+	Logger *slog.Logger
+}
+
+// Worker is an executor's session with the scheduler.
+type Worker struct {
+	cfg    Config
+	conn   grpc.ClientConnInterface
+	runner Runner
+	log    *slog.Logger
+
+	mu      sync.Mutex
+	running map[string]*job    // by operation
+	pending map[string]*result // results not acknowledged, by operation
+	send    chan *workerpb.WorkerMessage
+}
+
+type job struct {
+	lease  uint64
+	cancel context.CancelFunc
+}
+
+type result struct {
+	lease uint64
+	data  []byte
+}
+
+// New returns a worker that reaches the scheduler through conn.
+func New(conn grpc.ClientConnInterface, runner Runner, cfg Config) *Worker {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Worker{cfg: cfg, conn: conn, runner: runner, log: log.With("worker", cfg.ID),
+		running: make(map[string]*job), pending: make(map[string]*result)}
+}
+
+// Run keeps a session with the scheduler until ctx ends, reconnecting
+// with backoff. Actions running when ctx ends are cancelled.
+func (w *Worker) Run(ctx context.Context) error {
+	backoff := 50 * time.Millisecond
+	for {
+		start := time.Now()
+		err := w.session(ctx)
+		if ctx.Err() != nil {
+			w.cancelAll()
+			return ctx.Err()
+		}
+		if time.Since(start) > 5*time.Second {
+			backoff = 50 * time.Millisecond
+		}
+		w.log.Info("worker: session ended; reconnecting", "err", err, "in", backoff)
+		select {
+		case <-ctx.Done():
+			w.cancelAll()
+			return ctx.Err()
+		case <-time.After(backoff + rand.N(backoff/2+1)):
+		}
+		backoff = min(2*backoff, 2*time.Second)
+	}
+}
+
+func (w *Worker) cancelAll() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, j := range w.running {
+		j.cancel()
+	}
+}
+
+// session is one Connect stream.
+func (w *Worker) session(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := workerpb.NewWorkersClient(w.conn).Connect(ctx)
+	if err != nil {
+		return err
+	}
+	w.mu.Lock()
+	var running []string
+	for op := range w.running {
+		running = append(running, op)
+	}
+	for op := range w.pending {
+		running = append(running, op)
+	}
+	send := make(chan *workerpb.WorkerMessage, 1024)
+	w.send = send
+	// Results not acknowledged by the last session go first.
+	for op, r := range w.pending {
+		send <- resultMsg(op, r)
+	}
+	w.mu.Unlock()
+	platform := w.runner.Platform()
+	reg := &workerpb.Register{WorkerId: w.cfg.ID, Slots: int32(w.runner.Slots()), Running: running}
+	for _, p := range platform.GetProperties() {
+		reg.Platform = append(reg.Platform, &workerpb.Property{Name: p.Name, Value: p.Value})
+	}
+	if err := stream.Send(&workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Register{Register: reg}}); err != nil {
+		return err
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		return err
+	}
+	regd := first.GetRegistered()
+	if regd == nil {
+		return errors.New("worker: the scheduler did not accept the registration")
+	}
+	interval := time.Duration(regd.HeartbeatIntervalMs) * time.Millisecond
+	if interval <= 0 {
+		interval = time.Second
+	}
+	w.log.Info("worker: registered", "node", regd.Node, "slots", reg.Slots)
+
+	errc := make(chan error, 2)
+	go func() {
+		t := time.NewTicker(interval)
+		defer t.Stop()
+		for {
+			var m *workerpb.WorkerMessage
+			select {
+			case m = <-send:
+			case <-t.C:
+				m = &workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Heartbeat{Heartbeat: &workerpb.Heartbeat{Running: w.runningOps()}}}
+			case <-ctx.Done():
+				errc <- ctx.Err()
+				return
+			}
+			if err := stream.Send(m); err != nil {
+				errc <- err
+				return
+			}
+		}
+	}()
+	go func() {
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				errc <- err
+				return
+			}
+			switch m := m.Msg.(type) {
+			case *workerpb.SchedulerMessage_Assign:
+				w.start(m.Assign)
+			case *workerpb.SchedulerMessage_Cancel:
+				w.mu.Lock()
+				if j := w.running[m.Cancel.Operation]; j != nil {
+					j.cancel()
+				}
+				w.mu.Unlock()
+			case *workerpb.SchedulerMessage_Ack:
+				w.mu.Lock()
+				if r := w.pending[m.Ack.Operation]; r != nil && r.lease == m.Ack.Lease {
+					delete(w.pending, m.Ack.Operation)
+				}
+				w.mu.Unlock()
+			}
+		}
+	}()
+	return <-errc
+}
+
+func (w *Worker) runningOps() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	ops := make([]string, 0, len(w.running))
+	for op := range w.running {
+		ops = append(ops, op)
+	}
+	return ops
+}
+
+// start runs an assignment in the background. An assignment the worker
+// already runs (resent after a reconnect) is ignored.
+func (w *Worker) start(a *workerpb.Assign) {
+	w.mu.Lock()
+	if j := w.running[a.Operation]; j != nil && j.lease == a.Lease {
+		w.mu.Unlock()
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	w.running[a.Operation] = &job{lease: a.Lease, cancel: cancel}
+	w.mu.Unlock()
+	go func() {
+		defer cancel()
+		data := w.execute(ctx, a)
+		r := &result{lease: a.Lease, data: data}
+		w.mu.Lock()
+		if j := w.running[a.Operation]; j != nil && j.lease == a.Lease {
+			delete(w.running, a.Operation)
+		}
+		w.pending[a.Operation] = r
+		send := w.send
+		w.mu.Unlock()
+		select {
+		case send <- resultMsg(a.Operation, r):
+		default:
+			// The session is gone or backed up: the next one sends it.
+		}
+	}()
+}
+
+// execute runs one action and returns the serialized ExecuteResponse;
+// an error becomes the response's status.
+func (w *Worker) execute(ctx context.Context, a *workerpb.Assign) []byte {
+	resp, err := func() (*repb.ExecuteResponse, error) {
+		fn, err := digest.FunctionFromProto(repb.DigestFunction_Value(a.DigestFunction))
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "assignment: %v", err)
+		}
+		ad, err := digest.Parse(fn, a.ActionHash, a.ActionSize)
+		if err != nil {
+			return nil, status.Errorf(codes.InvalidArgument, "assignment: %v", err)
+		}
+		return w.runner.Execute(ctx, &executor.Request{Instance: a.InstanceName, Action: ad,
+			Queued: time.Unix(0, a.QueuedUnixNano), InlineStdout: a.InlineStdout, InlineStderr: a.InlineStderr})
+	}()
+	if err != nil {
+		resp = &repb.ExecuteResponse{Status: status.Convert(err).Proto()}
+		if ctx.Err() != nil {
+			resp.Status = status.New(codes.Canceled, "cancelled").Proto()
+		}
+	}
+	data, err := proto.Marshal(resp)
+	if err != nil {
+		data, _ = proto.Marshal(&repb.ExecuteResponse{Status: status.New(codes.Internal, fmt.Sprint(err)).Proto()})
+	}
+	return data
+}
+
+func resultMsg(op string, r *result) *workerpb.WorkerMessage {
+	return &workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Result{Result: &workerpb.Result{Operation: op, Lease: r.lease, ExecuteResponse: r.data}}}
+}
+
+// NoOp is a Runner that succeeds at once without running anything, for
+// measuring the scheduler alone.
+type NoOp struct {
+	// N is the number of slots (default 64).
+	N int
+}
+
+// Execute returns an empty successful result.
+func (n NoOp) Execute(ctx context.Context, req *executor.Request) (*repb.ExecuteResponse, error) {
+	return &repb.ExecuteResponse{Result: &repb.ActionResult{}, Status: status.New(codes.OK, "").Proto()}, nil
+}
+
+// Platform is a Linux x86-64 worker offering every common Nix system.
+func (NoOp) Platform() *repb.Platform {
+	return &repb.Platform{Properties: []*repb.Platform_Property{
+		{Name: executor.PropISA, Value: "x86-64"}, {Name: executor.PropOSFamily, Value: "linux"},
+		{Name: executor.PropNixSystem, Value: "x86_64-linux"},
+	}}
+}
+
+// Slots returns N.
+func (n NoOp) Slots() int {
+	if n.N <= 0 {
+		return 64
+	}
+	return n.N
+}

@@ -1,0 +1,175 @@
+package scheduler
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"sync"
+
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+
+	schedulerpb "tvixfarm/proto/tvixfarm/scheduler/v1"
+	"tvixfarm/scheduler/state"
+)
+
+// A raft log entry is a tag byte and a payload.
+const (
+	// entryBatch carries a schedulerpb.Batch for the state.
+	entryBatch byte = 1
+	// entryMember carries a JSON member: the client address of a node,
+	// which followers need to forward calls to the leader.
+	entryMember byte = 2
+)
+
+// snapshotMagic starts a snapshot: then a uvarint length and the JSON
+// members, then the state's own snapshot.
+const snapshotMagic = "TFSCHED1"
+
+// member is a node's address for clients, replicated so that any node can
+// forward to the leader.
+type member struct {
+	ID     string `json:"id"`
+	Client string `json:"client"`
+	Remove bool   `json:"remove,omitempty"`
+}
+
+// fsm is the raft.FSM: the state, plus the members' client addresses. Its
+// Apply runs on every node in log order; after each batch it hands the
+// response to onApply (outside the lock), which must not block.
+type fsm struct {
+	mu      sync.RWMutex
+	st      *state.State
+	members map[string]string // node id -> client address
+
+	onApply func(*state.Response)
+}
+
+func newFSM(cfg state.Config, onApply func(*state.Response)) *fsm {
+	return &fsm{st: state.New(cfg), members: make(map[string]string), onApply: onApply}
+}
+
+// Apply applies one log entry. For a batch it returns the
+// *state.Response; for anything else nil (or an error for a corrupt
+// entry, which a correct leader never writes).
+func (f *fsm) Apply(l *raft.Log) any {
+	if l.Type != raft.LogCommand || len(l.Data) == 0 {
+		return nil
+	}
+	switch l.Data[0] {
+	case entryBatch:
+		var b schedulerpb.Batch
+		if err := proto.Unmarshal(l.Data[1:], &b); err != nil {
+			return fmt.Errorf("scheduler: log entry %d: %w", l.Index, err)
+		}
+		f.mu.Lock()
+		resp := f.st.Apply(&b)
+		f.mu.Unlock()
+		if f.onApply != nil {
+			f.onApply(resp)
+		}
+		return resp
+	case entryMember:
+		var m member
+		if err := json.Unmarshal(l.Data[1:], &m); err != nil {
+			return fmt.Errorf("scheduler: log entry %d: %w", l.Index, err)
+		}
+		f.mu.Lock()
+		if m.Remove {
+			delete(f.members, m.ID)
+		} else {
+			f.members[m.ID] = m.Client
+		}
+		f.mu.Unlock()
+		return nil
+	}
+	return fmt.Errorf("scheduler: log entry %d: unknown type %d", l.Index, l.Data[0])
+}
+
+// read calls fn with the state, which it must only read.
+func (f *fsm) read(fn func(*state.State)) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	fn(f.st)
+}
+
+// client returns the client address of node id.
+func (f *fsm) client(id string) string {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.members[id]
+}
+
+// Snapshot serialises the state now (raft does not apply entries during
+// this call); Persist writes the bytes later.
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	var buf bytes.Buffer
+	buf.WriteString(snapshotMagic)
+	ms := make([]member, 0, len(f.members))
+	for _, id := range slices.Sorted(maps.Keys(f.members)) {
+		ms = append(ms, member{ID: id, Client: f.members[id]})
+	}
+	js, err := json.Marshal(ms)
+	if err != nil {
+		return nil, err
+	}
+	buf.Write(binary.AppendUvarint(nil, uint64(len(js))))
+	buf.Write(js)
+	if err := f.st.Snapshot(&buf); err != nil {
+		return nil, fmt.Errorf("scheduler: snapshot: %w", err)
+	}
+	return snapshot(buf.Bytes()), nil
+}
+
+// Restore replaces the state with a snapshot.
+func (f *fsm) Restore(rc io.ReadCloser) error {
+	defer rc.Close()
+	r := bufio.NewReader(rc)
+	magic := make([]byte, len(snapshotMagic))
+	if _, err := io.ReadFull(r, magic); err != nil || string(magic) != snapshotMagic {
+		return errors.New("scheduler: restore: not a scheduler snapshot")
+	}
+	n, err := binary.ReadUvarint(r)
+	if err != nil || n > 64<<20 {
+		return fmt.Errorf("scheduler: restore: members: %v", err)
+	}
+	js := make([]byte, n)
+	if _, err := io.ReadFull(r, js); err != nil {
+		return fmt.Errorf("scheduler: restore: %w", err)
+	}
+	var ms []member
+	if err := json.Unmarshal(js, &ms); err != nil {
+		return fmt.Errorf("scheduler: restore: %w", err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.st.Restore(r); err != nil {
+		return fmt.Errorf("scheduler: restore: %w", err)
+	}
+	f.members = make(map[string]string, len(ms))
+	for _, m := range ms {
+		f.members[m.ID] = m.Client
+	}
+	return nil
+}
+
+// snapshot is a serialised state.
+type snapshot []byte
+
+func (s snapshot) Persist(sink raft.SnapshotSink) error {
+	if _, err := sink.Write(s); err != nil {
+		sink.Cancel()
+		return err
+	}
+	return sink.Close()
+}
+
+func (s snapshot) Release() {}

@@ -1,0 +1,531 @@
+package scheduler
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	schedulerpb "tvixfarm/proto/tvixfarm/scheduler/v1"
+	"tvixfarm/scheduler/state"
+)
+
+// Peer is a member of the raft cluster.
+type Peer struct {
+	// ID names the node; Raft is its raft address (host:port).
+	ID, Raft string
+}
+
+// NodeConfig configures a Node.
+type NodeConfig struct {
+	// ID names this node in the cluster (default: "node1").
+	ID string
+	// RaftAddr is the address raft listens on and advertises.
+	RaftAddr string
+	// ClientAddr is this node's gRPC address, which followers forward
+	// calls to when this node leads.
+	ClientAddr string
+	// Dir holds the raft log, stable store and snapshots.
+	Dir string
+	// Bootstrap forms a new cluster of Peers (or of this node alone if
+	// Peers is empty) when Dir holds no raft state. Nodes that join a
+	// running cluster do not bootstrap.
+	Bootstrap bool
+	Peers     []Peer
+	// State configures the state machine; every node must use the same.
+	State state.Config
+	// ApplyTimeout bounds one raft apply (default 10 s).
+	ApplyTimeout time.Duration
+	// SnapshotThreshold is the number of log entries between snapshots
+	// (default 8192).
+	SnapshotThreshold uint64
+	Logger            *slog.Logger
+}
+
+// Node is one scheduler replica: a raft node whose FSM is the scheduler
+// state. Writes go through Apply, which batches the commands of
+// concurrent callers into one log entry; reads go through Read.
+type Node struct {
+	cfg   NodeConfig
+	log   *slog.Logger
+	fsm   *fsm
+	raft  *raft.Raft
+	trans *raft.NetworkTransport
+	store *raftboltdb.BoltStore
+
+	reqs   chan *applyReq
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu       sync.Mutex
+	watchers map[string]map[chan struct{}]struct{}
+	hooks    []func(*state.Response)
+}
+
+// applyReq is a caller's commands waiting to be batched.
+type applyReq struct {
+	cmds []*schedulerpb.Command
+	done chan applyResult
+}
+
+type applyResult struct {
+	results []state.Result
+	err     error
+}
+
+const (
+	// maxBatch bounds the commands of one log entry.
+	maxBatch = 4096
+	// maxInflight bounds the raft applies in flight; more callers wait
+	// and are batched together.
+	maxInflight = 4
+)
+
+// NewNode starts a raft node. It returns once raft runs; leadership comes
+// later (see Leader).
+func NewNode(cfg NodeConfig) (*Node, error) {
+	if cfg.ID == "" {
+		cfg.ID = "node1"
+	}
+	if cfg.ApplyTimeout <= 0 {
+		cfg.ApplyTimeout = 10 * time.Second
+	}
+	if cfg.SnapshotThreshold == 0 {
+		cfg.SnapshotThreshold = 8192
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("node", cfg.ID)
+	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("scheduler: %w", err)
+	}
+	n := &Node{cfg: cfg, log: log, reqs: make(chan *applyReq, 1024), watchers: make(map[string]map[chan struct{}]struct{})}
+	n.fsm = newFSM(cfg.State, n.applied)
+
+	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.Dir, "raft.db"))
+	if err != nil {
+		return nil, fmt.Errorf("scheduler: raft store: %w", err)
+	}
+	n.store = store
+	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 2, hclogger(log))
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("scheduler: snapshots: %w", err)
+	}
+	addr, err := net.ResolveTCPAddr("tcp", cfg.RaftAddr)
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("scheduler: raft address %q: %w", cfg.RaftAddr, err)
+	}
+	trans, err := raft.NewTCPTransportWithLogger(cfg.RaftAddr, addr, 8, 10*time.Second, hclogger(log))
+	if err != nil {
+		store.Close()
+		return nil, fmt.Errorf("scheduler: raft transport: %w", err)
+	}
+	n.trans = trans
+
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	rc.Logger = hclogger(log)
+	rc.SnapshotThreshold = cfg.SnapshotThreshold
+	rc.TrailingLogs = 4 * cfg.SnapshotThreshold
+	// Failover well under 2 s on loopback and LANs.
+	rc.HeartbeatTimeout = 500 * time.Millisecond
+	rc.ElectionTimeout = 500 * time.Millisecond
+	rc.LeaderLeaseTimeout = 250 * time.Millisecond
+	rc.CommitTimeout = 5 * time.Millisecond
+	rc.BatchApplyCh = true
+	rc.MaxAppendEntries = 256
+
+	if cfg.Bootstrap {
+		has, err := raft.HasExistingState(store, store, snaps)
+		if err != nil {
+			n.closeStores()
+			return nil, fmt.Errorf("scheduler: %w", err)
+		}
+		if !has {
+			servers := []raft.Server{{ID: rc.LocalID, Address: trans.LocalAddr()}}
+			if len(cfg.Peers) > 0 {
+				servers = servers[:0]
+				for _, p := range cfg.Peers {
+					servers = append(servers, raft.Server{ID: raft.ServerID(p.ID), Address: raft.ServerAddress(p.Raft)})
+				}
+			}
+			if err := raft.BootstrapCluster(rc, store, store, snaps, trans, raft.Configuration{Servers: servers}); err != nil {
+				n.closeStores()
+				return nil, fmt.Errorf("scheduler: bootstrap: %w", err)
+			}
+		}
+	}
+	r, err := raft.NewRaft(rc, n.fsm, store, store, snaps, trans)
+	if err != nil {
+		n.closeStores()
+		return nil, fmt.Errorf("scheduler: raft: %w", err)
+	}
+	n.raft = r
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.wg.Add(2)
+	go n.batcher()
+	go n.announce()
+	return n, nil
+}
+
+func (n *Node) closeStores() {
+	if n.trans != nil {
+		n.trans.Close()
+	}
+	n.store.Close()
+}
+
+// Close stops the node: raft shuts down (a leader steps down without
+// transferring leadership) and pending applies fail.
+func (n *Node) Close() error {
+	n.cancel()
+	n.wg.Wait()
+	err := n.raft.Shutdown().Error()
+	n.trans.Close()
+	n.store.Close()
+	return err
+}
+
+// ID is the node's id.
+func (n *Node) ID() string { return n.cfg.ID }
+
+// IsLeader reports whether this node leads the cluster.
+func (n *Node) IsLeader() bool { return n.raft.State() == raft.Leader }
+
+// Leader returns the leader's id and client address ("" if unknown).
+func (n *Node) Leader() (id, client string) {
+	_, lid := n.raft.LeaderWithID()
+	if lid == "" {
+		return "", ""
+	}
+	return string(lid), n.fsm.client(string(lid))
+}
+
+// Stats describes the node for status displays.
+type Stats struct {
+	ID, State, Leader string
+	Term              uint64
+	LastIndex         uint64
+	Members           []Member
+}
+
+// Member is a server of the raft configuration.
+type Member struct {
+	ID, Raft, Client string
+	Voter            bool
+}
+
+// Stats returns the node's view of the cluster.
+func (n *Node) Stats() Stats {
+	s := Stats{ID: n.cfg.ID, State: n.raft.State().String(), Term: n.term(), LastIndex: n.raft.LastIndex()}
+	s.Leader, _ = n.Leader()
+	if f := n.raft.GetConfiguration(); f.Error() == nil {
+		for _, srv := range f.Configuration().Servers {
+			s.Members = append(s.Members, Member{ID: string(srv.ID), Raft: string(srv.Address),
+				Client: n.fsm.client(string(srv.ID)), Voter: srv.Suffrage == raft.Voter})
+		}
+	}
+	return s
+}
+
+func (n *Node) term() uint64 {
+	var t uint64
+	fmt.Sscan(n.raft.Stats()["term"], &t)
+	return t
+}
+
+// AddVoter adds a node to the cluster (on the leader).
+func (n *Node) AddVoter(id, raftAddr string) error {
+	if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, n.cfg.ApplyTimeout).Error(); err != nil {
+		return raftError(err)
+	}
+	return nil
+}
+
+// RemoveServer removes a node from the cluster (on the leader).
+func (n *Node) RemoveServer(id string) error {
+	if err := n.raft.RemoveServer(raft.ServerID(id), 0, n.cfg.ApplyTimeout).Error(); err != nil {
+		return raftError(err)
+	}
+	data, _ := json.Marshal(member{ID: id, Remove: true})
+	n.raft.Apply(append([]byte{entryMember}, data...), n.cfg.ApplyTimeout)
+	return nil
+}
+
+// WaitLeader waits until the cluster has a leader whose client address
+// is known, so that calls can be forwarded to it.
+func (n *Node) WaitLeader(ctx context.Context) error {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for {
+		if id, addr := n.Leader(); id != "" && addr != "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+// announce records this node's client address in the replicated state
+// whenever it becomes leader (followers need it to forward calls).
+func (n *Node) announce() {
+	defer n.wg.Done()
+	ch := make(chan raft.Observation, 16)
+	obs := raft.NewObserver(ch, false, func(o *raft.Observation) bool {
+		_, ok := o.Data.(raft.LeaderObservation)
+		return ok
+	})
+	n.raft.RegisterObserver(obs)
+	defer n.raft.DeregisterObserver(obs)
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		if n.IsLeader() && n.fsm.client(n.cfg.ID) != n.cfg.ClientAddr {
+			data, _ := json.Marshal(member{ID: n.cfg.ID, Client: n.cfg.ClientAddr})
+			if err := n.raft.Apply(append([]byte{entryMember}, data...), n.cfg.ApplyTimeout).Error(); err != nil {
+				n.log.Warn("scheduler: cannot record the client address", "err", err)
+			}
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-ch:
+		case <-t.C:
+		}
+	}
+}
+
+// Apply runs commands through raft and returns their results, in order.
+// Commands of concurrent callers share log entries. It fails with
+// UNAVAILABLE when this node is not the leader or loses leadership.
+func (n *Node) Apply(ctx context.Context, cmds ...*schedulerpb.Command) ([]state.Result, error) {
+	req := &applyReq{cmds: cmds, done: make(chan applyResult, 1)}
+	select {
+	case n.reqs <- req:
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	case <-n.ctx.Done():
+		return nil, status.Error(codes.Unavailable, "scheduler: shutting down")
+	}
+	// The commands are in the log or about to be: wait for the outcome
+	// even if ctx ends, so the caller knows what happened.
+	r := <-req.done
+	return r.results, r.err
+}
+
+// batcher collects waiting requests into batches and applies them, with
+// up to maxInflight applies outstanding.
+func (n *Node) batcher() {
+	defer n.wg.Done()
+	sem := make(chan struct{}, maxInflight)
+	var inflight sync.WaitGroup
+	defer inflight.Wait()
+	for {
+		var first *applyReq
+		select {
+		case first = <-n.reqs:
+		case <-n.ctx.Done():
+			n.failPending()
+			return
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-n.ctx.Done():
+			first.done <- applyResult{err: status.Error(codes.Unavailable, "scheduler: shutting down")}
+			n.failPending()
+			return
+		}
+		reqs := []*applyReq{first}
+		count := len(first.cmds)
+	collect:
+		for count < maxBatch {
+			select {
+			case r := <-n.reqs:
+				reqs = append(reqs, r)
+				count += len(r.cmds)
+			default:
+				break collect
+			}
+		}
+		batch := &schedulerpb.Batch{Commands: make([]*schedulerpb.Command, 0, count)}
+		for _, r := range reqs {
+			batch.Commands = append(batch.Commands, r.cmds...)
+		}
+		data, err := proto.Marshal(batch)
+		if err != nil {
+			for _, r := range reqs {
+				r.done <- applyResult{err: status.Errorf(codes.Internal, "scheduler: %v", err)}
+			}
+			<-sem
+			continue
+		}
+		f := n.raft.Apply(append([]byte{entryBatch}, data...), n.cfg.ApplyTimeout)
+		inflight.Add(1)
+		go func() {
+			defer inflight.Done()
+			defer func() { <-sem }()
+			err := f.Error()
+			var resp *state.Response
+			if err == nil {
+				switch v := f.Response().(type) {
+				case *state.Response:
+					resp = v
+				case error:
+					err = v
+				}
+			}
+			i := 0
+			for _, r := range reqs {
+				if err != nil || resp == nil {
+					r.done <- applyResult{err: raftError(cmpErr(err))}
+					continue
+				}
+				r.done <- applyResult{results: resp.Results[i : i+len(r.cmds)]}
+				i += len(r.cmds)
+			}
+		}()
+	}
+}
+
+func cmpErr(err error) error {
+	if err == nil {
+		return errors.New("no response from the state machine")
+	}
+	return err
+}
+
+func (n *Node) failPending() {
+	for {
+		select {
+		case r := <-n.reqs:
+			r.done <- applyResult{err: status.Error(codes.Unavailable, "scheduler: shutting down")}
+		default:
+			return
+		}
+	}
+}
+
+// raftError maps raft's errors to gRPC statuses: clients retry
+// UNAVAILABLE on another node.
+func raftError(err error) error {
+	switch {
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost),
+		errors.Is(err, raft.ErrLeadershipTransferInProgress), errors.Is(err, raft.ErrRaftShutdown),
+		errors.Is(err, raft.ErrEnqueueTimeout), errors.Is(err, raft.ErrAbortedByRestore):
+		return status.Errorf(codes.Unavailable, "scheduler: %v", err)
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	return status.Errorf(codes.Internal, "scheduler: %v", err)
+}
+
+// Read calls fn with the replicated state, which fn must only read. On a
+// follower the state may lag the leader's by a few entries.
+func (n *Node) Read(fn func(*state.State)) { n.fsm.read(fn) }
+
+// Watch returns a channel that receives a value whenever operation op
+// changes stage on this node's copy of the state, and a function that
+// stops the watch.
+func (n *Node) Watch(op string) (<-chan struct{}, func()) {
+	ch := make(chan struct{}, 1)
+	n.mu.Lock()
+	if n.watchers[op] == nil {
+		n.watchers[op] = make(map[chan struct{}]struct{})
+	}
+	n.watchers[op][ch] = struct{}{}
+	n.mu.Unlock()
+	return ch, func() {
+		n.mu.Lock()
+		delete(n.watchers[op], ch)
+		if len(n.watchers[op]) == 0 {
+			delete(n.watchers, op)
+		}
+		n.mu.Unlock()
+	}
+}
+
+// OnApply registers fn to be called with every applied batch's response,
+// in log order, on the FSM's goroutine: fn must not block.
+func (n *Node) OnApply(fn func(*state.Response)) {
+	n.mu.Lock()
+	n.hooks = append(n.hooks, fn)
+	n.mu.Unlock()
+}
+
+// applied wakes the watchers of the operations a batch changed and runs
+// the hooks.
+func (n *Node) applied(resp *state.Response) {
+	n.mu.Lock()
+	hooks := n.hooks
+	wake := func(op string) {
+		for ch := range n.watchers[op] {
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}
+	for _, a := range resp.Assignments {
+		wake(a.Operation)
+	}
+	for _, c := range resp.Completions {
+		wake(c.Operation)
+	}
+	for _, r := range resp.Results {
+		if r.Operation != "" && r.Err == nil && !r.Deduplicated {
+			wake(r.Operation) // requeued, cancelled, ...
+		}
+	}
+	n.mu.Unlock()
+	for _, h := range hooks {
+		h(resp)
+	}
+}
+
+// hclogger adapts slog to raft's hclog, at warning level: raft is chatty.
+func hclogger(log *slog.Logger) hclog.Logger {
+	return hclog.New(&hclog.LoggerOptions{
+		Name:   "raft",
+		Level:  hclog.Warn,
+		Output: slogWriter{log},
+	})
+}
+
+type slogWriter struct{ log *slog.Logger }
+
+func (w slogWriter) Write(p []byte) (int, error) {
+	w.log.Warn(string(trimNL(p)))
+	return len(p), nil
+}
+
+func trimNL(p []byte) []byte {
+	for len(p) > 0 && (p[len(p)-1] == '\n' || p[len(p)-1] == '\r') {
+		p = p[:len(p)-1]
+	}
+	return p
+}
+
+var _ io.Writer = slogWriter{}

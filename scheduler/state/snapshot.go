@@ -1,0 +1,171 @@
+package state
+
+import (
+	"cmp"
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/protobuf/proto"
+
+	schedulerpb "tvixfarm/proto/tvixfarm/scheduler/v1"
+)
+
+// snapshotVersion is the version of the Snapshot format written.
+const snapshotVersion = 1
+
+// Snapshot writes the whole state to w as a serialized
+// schedulerpb.Snapshot. Identical states give identical bytes.
+func (s *State) Snapshot(w io.Writer) error {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(s.snapshot())
+	if err != nil {
+		return fmt.Errorf("marshal scheduler snapshot: %w", err)
+	}
+	if _, err := w.Write(b); err != nil {
+		return fmt.Errorf("write scheduler snapshot: %w", err)
+	}
+	return nil
+}
+
+func (s *State) snapshot() *schedulerpb.Snapshot {
+	snap := &schedulerpb.Snapshot{
+		Version:       snapshotVersion,
+		NextSequence:  s.nextSeq,
+		NextLease:     s.nextLease,
+		ClockUnixNano: s.clock,
+		Workers:       s.Workers(),
+		Operations:    s.Operations(schedulerpb.Stage_STAGE_UNSPECIFIED),
+		Queues:        nil,
+	}
+	for _, g := range s.busy {
+		for _, l := range g.sorted {
+			for _, q := range l.order {
+				if q.lastServed != 0 {
+					snap.Queues = append(snap.Queues, &schedulerpb.QueueState{
+						PlatformKey:  g.key,
+						Priority:     l.priority,
+						InvocationId: q.id,
+						LastServed:   q.lastServed,
+					})
+				}
+			}
+		}
+	}
+	slices.SortFunc(snap.Queues, func(a, b *schedulerpb.QueueState) int {
+		return cmp.Or(strings.Compare(a.PlatformKey, b.PlatformKey),
+			cmp.Compare(a.Priority, b.Priority),
+			strings.Compare(a.InvocationId, b.InvocationId))
+	})
+	return snap
+}
+
+// Restore replaces the state with the one Snapshot wrote to r. On error,
+// the state is unchanged.
+func (s *State) Restore(r io.Reader) error {
+	b, err := io.ReadAll(r)
+	if err != nil {
+		return fmt.Errorf("read scheduler snapshot: %w", err)
+	}
+	snap := &schedulerpb.Snapshot{}
+	if err := proto.Unmarshal(b, snap); err != nil {
+		return fmt.Errorf("unmarshal scheduler snapshot: %w", err)
+	}
+	n := New(s.cfg)
+	if err := n.restore(snap); err != nil {
+		return fmt.Errorf("restore scheduler snapshot: %w", err)
+	}
+	*s = *n
+	return nil
+}
+
+func (s *State) restore(snap *schedulerpb.Snapshot) error {
+	if snap.GetVersion() != snapshotVersion {
+		return fmt.Errorf("unsupported version %d", snap.GetVersion())
+	}
+	s.nextSeq, s.nextLease, s.clock = snap.GetNextSequence(), snap.GetNextLease(), snap.GetClockUnixNano()
+	for _, p := range snap.GetWorkers() {
+		if p.GetId() == "" || s.workers[p.GetId()] != nil {
+			return fmt.Errorf("empty or duplicate worker id %q", p.GetId())
+		}
+		s.workers[p.GetId()] = &worker{
+			id:         p.GetId(),
+			platform:   p.GetPlatform(),
+			offers:     s.offers(p.GetPlatform()),
+			slots:      p.GetSlots(),
+			drained:    p.GetDrained(),
+			registered: p.GetRegisteredUnixNano(),
+		}
+	}
+	for _, p := range snap.GetOperations() {
+		if err := s.restoreOp(p); err != nil {
+			return fmt.Errorf("operation %q: %w", p.GetName(), err)
+		}
+	}
+	for _, q := range snap.GetQueues() {
+		// A queue that does not exist (the configuration changed its
+		// platform key) starts afresh.
+		if g := s.groups[q.GetPlatformKey()]; g != nil {
+			if l := g.levels[q.GetPriority()]; l != nil {
+				if iq := l.invs[q.GetInvocationId()]; iq != nil {
+					iq.lastServed = q.GetLastServed()
+					l.order.fix(iq.index)
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func (s *State) restoreOp(p *schedulerpb.Operation) error {
+	d := p.GetActionDigest()
+	op := &operation{
+		name:       p.GetName(),
+		key:        actionKey{instance: p.GetInstanceName(), fn: p.GetDigestFunction(), hash: d.GetHash(), size: d.GetSizeBytes()},
+		platform:   p.GetPlatform(),
+		priority:   p.GetPriority(),
+		invocation: p.GetInvocationId(),
+		waiters:    p.GetWaiters(),
+		cancelOnDC: p.GetCancelOnDisconnect(),
+		seq:        p.GetSequence(),
+		stage:      p.GetStage(),
+		attempts:   p.GetAttempts(),
+		queuedAt:   p.GetQueuedUnixNano(),
+		startedAt:  p.GetStartedUnixNano(),
+		doneAt:     p.GetCompletedUnixNano(),
+		result:     p.GetResult(),
+		code:       codes.Code(p.GetStatus().GetCode()),
+		message:    p.GetStatus().GetMessage(),
+	}
+	switch {
+	case op.name == "" || s.ops[op.name] != nil:
+		return fmt.Errorf("empty or duplicate name")
+	case op.seq == 0 || op.seq >= s.nextSeq:
+		return fmt.Errorf("sequence %d out of range", op.seq)
+	}
+	if op.stage != schedulerpb.Stage_STAGE_COMPLETED {
+		if s.inFlight[op.key] != nil {
+			return fmt.Errorf("duplicate in-flight action")
+		}
+		s.inFlight[op.key] = op
+	}
+	switch op.stage {
+	case schedulerpb.Stage_STAGE_QUEUED:
+		s.queue(op)
+	case schedulerpb.Stage_STAGE_EXECUTING:
+		w := s.workers[p.GetWorker()]
+		switch {
+		case w == nil:
+			return fmt.Errorf("unknown worker %q", p.GetWorker())
+		case p.GetLease() == 0 || p.GetLease() >= s.nextLease:
+			return fmt.Errorf("lease %d out of range", p.GetLease())
+		}
+		s.lease(op, w, p.GetLease())
+	case schedulerpb.Stage_STAGE_COMPLETED:
+	default:
+		return fmt.Errorf("invalid stage %v", op.stage)
+	}
+	s.ops[op.name] = op
+	return nil
+}
