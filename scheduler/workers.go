@@ -61,6 +61,10 @@ type Workers struct {
 	leaderSince time.Time            // zero when not leader
 }
 
+// failoverGrace is the extra time a new leader gives the workers it
+// knows from the log to reconnect, on top of WorkerTimeout.
+const failoverGrace = 5 * time.Second
+
 // session is one worker's stream on this node.
 type session struct {
 	worker   string
@@ -234,7 +238,9 @@ func (w *Workers) Connect(stream grpc.BidiStreamingServer[workerpb.WorkerMessage
 // session that cannot keep up is closed, and its worker, reconnecting,
 // reconciles what it runs with the state.
 func (w *Workers) deliver(resp *state.Response) {
-	if len(resp.Assignments) == 0 && len(resp.Cancellations) == 0 {
+	if len(resp.Assignments) == 0 && len(resp.Cancellations) == 0 || !w.n.IsLeader() {
+		// A node that lost leadership may still hold sessions until
+		// housekeeping closes them: the new leader delivers.
 		return
 	}
 	w.mu.Lock()
@@ -278,8 +284,9 @@ func (w *Workers) housekeeping(ctx context.Context) {
 		w.mu.Lock()
 		switch {
 		case leader && w.leaderSince.IsZero():
-			// New leader: every known worker gets a full timeout to
-			// connect to it.
+			// New leader: every known worker gets time to notice and
+			// connect to it (reconnecting takes longer than a
+			// heartbeat), before its leases are given up.
 			w.leaderSince = time.Now()
 			w.gone = make(map[string]time.Time)
 		case !leader && !w.leaderSince.IsZero():
@@ -322,8 +329,9 @@ func (w *Workers) housekeeping(ctx context.Context) {
 			} else {
 				from, ok := w.gone[wk.Id]
 				if !ok {
-					from = since
-					w.gone[wk.Id] = since
+					// Known from the log, never connected to this leader.
+					from = since.Add(failoverGrace)
+					w.gone[wk.Id] = from
 				}
 				if now.Sub(from) > w.cfg.WorkerTimeout {
 					reason = "disconnected"

@@ -9,8 +9,13 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"encoding/json"
+
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
 )
@@ -20,6 +25,7 @@ func statusCmd(args []string) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
 	farm := fs.String("farm", "127.0.0.1:8980", "tvixfarm address (host:port)")
 	timeout := fs.Duration("timeout", 10*time.Second, "deadline of the status call")
+	asJSON := fs.Bool("json", false, "print JSON for scripts: {\"process\": ..., \"cluster\": ...}")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -34,13 +40,35 @@ func statusCmd(args []string) error {
 	if err != nil {
 		return fmt.Errorf("status of %s: %w", *farm, err)
 	}
+	// The scheduler cluster, if this process is a scheduler node.
+	cl, clErr := adminpb.NewClusterClient(conn).Status(ctx, &adminpb.ClusterStatusRequest{})
+	if status.Code(clErr) == codes.Unimplemented {
+		cl, clErr = nil, nil
+	}
+	if *asJSON {
+		p, _ := protojson.Marshal(st)
+		out := map[string]json.RawMessage{"process": p}
+		if cl != nil {
+			c, _ := protojson.MarshalOptions{EmitUnpopulated: true}.Marshal(cl)
+			out["cluster"] = c
+		}
+		b, _ := json.MarshalIndent(out, "", "  ")
+		fmt.Println(string(b))
+		return clErr
+	}
 	fmt.Printf("farm     %s\nversion  %s\nroles    %v\ndata     %s\nuptime   %s\n\n", *farm, st.Version, st.Roles, st.DataDir,
 		time.Since(time.Unix(st.StartedUnix, 0)).Round(time.Second))
 	if e := st.Executor; e != nil {
 		fmt.Printf("executor %s: %d/%d slots busy\nplatform %s\n\n", e.Name, e.Running, e.Slots, strings.Join(e.Platform, " "))
 	}
+	if clErr != nil {
+		fmt.Printf("cluster: %v\n\n", clErr)
+	} else if cl != nil {
+		printCluster(os.Stdout, cl)
+		fmt.Println()
+	}
 	if len(st.Stores) == 0 {
-		return nil
+		return clErr
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "instance\tstore\tbackend\tblobs\tbytes\tmax\n")

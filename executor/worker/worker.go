@@ -51,7 +51,17 @@ type Worker struct {
 	mu      sync.Mutex
 	running map[string]*job    // by operation
 	pending map[string]*result // results not acknowledged, by operation
-	send    chan *workerpb.WorkerMessage
+	// seen holds the leases received lately (a ring of recent ones): an
+	// assignment delivered twice, for example by a node that has just
+	// lost leadership and by its successor, runs once.
+	seen     map[uint64]struct{}
+	seenRing []uint64
+	seenNext int
+	// gen counts sessions: assignments that arrive on an ended session
+	// (after the next one listed what runs) are ignored; the scheduler
+	// has requeued them.
+	gen  uint64
+	send chan *workerpb.WorkerMessage
 }
 
 type job struct {
@@ -71,7 +81,8 @@ func New(conn grpc.ClientConnInterface, runner Runner, cfg Config) *Worker {
 		log = slog.Default()
 	}
 	return &Worker{cfg: cfg, conn: conn, runner: runner, log: log.With("worker", cfg.ID),
-		running: make(map[string]*job), pending: make(map[string]*result)}
+		running: make(map[string]*job), pending: make(map[string]*result),
+		seen: make(map[uint64]struct{}), seenRing: make([]uint64, 1<<16)}
 }
 
 // Run keeps a session with the scheduler until ctx ends, reconnecting
@@ -125,6 +136,8 @@ func (w *Worker) session(ctx context.Context) error {
 	}
 	send := make(chan *workerpb.WorkerMessage, 1024)
 	w.send = send
+	w.gen++
+	gen := w.gen
 	// Results not acknowledged by the last session go first.
 	for op, r := range w.pending {
 		send <- resultMsg(op, r)
@@ -181,7 +194,7 @@ func (w *Worker) session(ctx context.Context) error {
 			}
 			switch m := m.Msg.(type) {
 			case *workerpb.SchedulerMessage_Assign:
-				w.start(m.Assign)
+				w.start(m.Assign, gen)
 			case *workerpb.SchedulerMessage_Cancel:
 				w.mu.Lock()
 				if j := w.running[m.Cancel.Operation]; j != nil {
@@ -210,14 +223,20 @@ func (w *Worker) runningOps() []string {
 	return ops
 }
 
-// start runs an assignment in the background. An assignment the worker
-// already runs (resent after a reconnect) is ignored.
-func (w *Worker) start(a *workerpb.Assign) {
+// start runs an assignment in the background. An assignment whose lease
+// the worker has seen lately is ignored.
+func (w *Worker) start(a *workerpb.Assign, gen uint64) {
 	w.mu.Lock()
-	if j := w.running[a.Operation]; j != nil && j.lease == a.Lease {
+	if _, dup := w.seen[a.Lease]; dup || gen != w.gen {
 		w.mu.Unlock()
 		return
 	}
+	if old := w.seenRing[w.seenNext]; old != 0 {
+		delete(w.seen, old)
+	}
+	w.seenRing[w.seenNext] = a.Lease
+	w.seenNext = (w.seenNext + 1) % len(w.seenRing)
+	w.seen[a.Lease] = struct{}{}
 	ctx, cancel := context.WithCancel(context.Background())
 	w.running[a.Operation] = &job{lease: a.Lease, cancel: cancel}
 	w.mu.Unlock()

@@ -41,6 +41,7 @@ import (
 	"tvixfarm/internal/rpc"
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
 	workerpb "tvixfarm/proto/tvixfarm/worker/v1"
+	"tvixfarm/scheduler"
 )
 
 // Farm is a running tvixfarm process.
@@ -212,6 +213,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 		repb.RegisterExecutionServer(f.srv, f.sched.exec)
 		longrunningpb.RegisterOperationsServer(f.srv, f.sched.exec)
 		workerpb.RegisterWorkersServer(f.srv, f.sched.workers)
+		adminpb.RegisterClusterServer(f.srv, scheduler.NewCluster(f.sched.node, f.sched.workers))
 		repb.RegisterCapabilitiesServer(f.srv, caps)
 	}
 	if stores != nil {

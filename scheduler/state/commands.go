@@ -1,6 +1,7 @@
 package state
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 
@@ -67,6 +68,7 @@ func (s *State) submit(c *schedulerpb.Submit) Result {
 	op := &operation{
 		name:       c.GetOperation(),
 		key:        key,
+		digest:     d,
 		platform:   c.GetPlatform(),
 		priority:   c.GetPriority(),
 		invocation: c.GetInvocationId(),
@@ -136,7 +138,7 @@ func (s *State) registerWorker(c *schedulerpb.RegisterWorker) Result {
 // lose ends the leases of ops, lost by worker for reason: each is requeued,
 // or fails if it has been attempted MaxAttempts times.
 func (s *State) lose(ops []*operation, worker, reason string) {
-	slices.SortFunc(ops, func(a, b *operation) int { return compareUint(a.lease, b.lease) })
+	slices.SortFunc(ops, func(a, b *operation) int { return cmp.Compare(a.lease, b.lease) })
 	for _, op := range ops {
 		s.release(op)
 		if op.attempts >= s.maxAttempts {
@@ -147,16 +149,6 @@ func (s *State) lose(ops []*operation, worker, reason string) {
 		op.stage = schedulerpb.Stage_STAGE_QUEUED
 		s.queue(op)
 	}
-}
-
-func compareUint(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 func (s *State) removeWorker(c *schedulerpb.RemoveWorker) Result {
@@ -263,6 +255,7 @@ func (s *State) finish(op *operation, result []byte, code codes.Code, msg string
 	op.doneAt = s.clock
 	op.result, op.code, op.message = result, code, msg
 	delete(s.inFlight, op.key)
+	s.done = append(s.done, op) // the clock never goes back: still sorted
 	s.resp.Completions = append(s.resp.Completions, Completion{
 		Operation: op.name,
 		Result:    result,
@@ -312,12 +305,12 @@ func (s *State) detach(c *schedulerpb.Detach) Result {
 
 func (s *State) compact(c *schedulerpb.Compact) Result {
 	n := 0
-	for name, op := range s.ops {
-		if op.stage == schedulerpb.Stage_STAGE_COMPLETED && op.doneAt < c.GetBeforeUnixNano() {
-			delete(s.ops, name)
-			n++
-		}
+	for n < len(s.done) && s.done[n].doneAt < c.GetBeforeUnixNano() {
+		delete(s.ops, s.done[n].name)
+		s.done[n] = nil
+		n++
 	}
+	s.done = s.done[n:]
 	for key, g := range s.groups {
 		if g.queued > 0 {
 			continue

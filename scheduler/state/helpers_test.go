@@ -228,6 +228,16 @@ func (s *State) check() error {
 			}
 		}
 	}
+	completed := 0
+	for i, op := range s.done {
+		if s.ops[op.name] != op || op.stage != schedulerpb.Stage_STAGE_COMPLETED || (i > 0 && s.done[i-1].doneAt > op.doneAt) {
+			return fmt.Errorf("completed list broken at %d (%s)", i, op.name)
+		}
+		completed++
+	}
+	if completed+inFlight != len(s.ops) {
+		return fmt.Errorf("%d completed and %d in flight of %d operations", completed, inFlight, len(s.ops))
+	}
 	if len(s.inFlight) != inFlight {
 		return fmt.Errorf("in-flight index has %d entries, want %d", len(s.inFlight), inFlight)
 	}

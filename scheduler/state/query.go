@@ -8,8 +8,8 @@ import (
 	schedulerpb "tvixfarm/proto/tvixfarm/scheduler/v1"
 )
 
-// The queries return fresh messages, which share byte slices and platform
-// properties with the state: callers must not modify those.
+// The queries return fresh messages, which share slices, byte slices and
+// messages with the state: callers must not modify anything in them.
 
 // Operation returns the operation called name.
 func (s *State) Operation(name string) (*schedulerpb.Operation, bool) {
@@ -32,13 +32,19 @@ func (s *State) Operations(stage schedulerpb.Stage) []*schedulerpb.Operation {
 }
 
 func (s *State) sortedOps(stage schedulerpb.Stage) []*operation {
-	var ops []*operation
+	// Sort entries, which hold the sequence: comparisons do not touch
+	// the operations.
+	var es []entry
 	for _, op := range s.ops {
 		if stage == schedulerpb.Stage_STAGE_UNSPECIFIED || op.stage == stage {
-			ops = append(ops, op)
+			es = append(es, entry{seq: op.seq, op: op})
 		}
 	}
-	slices.SortFunc(ops, func(a, b *operation) int { return cmp.Compare(a.seq, b.seq) })
+	slices.SortFunc(es, func(a, b entry) int { return cmp.Compare(a.seq, b.seq) })
+	ops := make([]*operation, len(es))
+	for i, e := range es {
+		ops[i] = e.op
+	}
 	return ops
 }
 
@@ -94,11 +100,11 @@ func (op *operation) proto() *schedulerpb.Operation {
 		Stage:              op.stage,
 		InstanceName:       op.key.instance,
 		DigestFunction:     op.key.fn,
-		ActionDigest:       &schedulerpb.Digest{Hash: op.key.hash, SizeBytes: op.key.size},
-		Platform:           slices.Clone(op.platform),
+		ActionDigest:       op.digest,
+		Platform:           op.platform,
 		Priority:           op.priority,
 		InvocationId:       op.invocation,
-		Waiters:            slices.Clone(op.waiters),
+		Waiters:            slices.Clip(op.waiters), // only ever replaced or appended to
 		CancelOnDisconnect: op.cancelOnDC,
 		Sequence:           op.seq,
 		Attempts:           op.attempts,
@@ -119,7 +125,7 @@ func (op *operation) proto() *schedulerpb.Operation {
 func (w *worker) proto() *schedulerpb.Worker {
 	p := &schedulerpb.Worker{
 		Id:                 w.id,
-		Platform:           slices.Clone(w.platform),
+		Platform:           w.platform,
 		Slots:              w.slots,
 		Drained:            w.drained,
 		RegisteredUnixNano: w.registered,

@@ -24,6 +24,11 @@ type level struct {
 	group    *group
 	invs     map[string]*invQueue
 	order    heap[*invQueue] // least recently served first
+	// lastServed is the lease of the last operation dispatched from the
+	// level. A new invocation queue starts with it: it joins the end of
+	// the round, so an invocation that keeps emptying its queue does not
+	// jump ahead of others every time.
+	lastServed uint64
 }
 
 // invQueue holds the queued operations of one invocation in a level.
@@ -37,7 +42,7 @@ type invQueue struct {
 	live  int // number of entries that are not stale
 	index int // in level.order
 	// lastServed is the lease of the last operation dispatched from this
-	// queue, 0 if none was: the round-robin clock.
+	// queue (or the level's when it was created): the round-robin clock.
 	lastServed uint64
 }
 
@@ -162,7 +167,7 @@ func (s *State) queue(op *operation) {
 	e := entry{seq: op.seq, op: op, gen: op.gen}
 	q := l.invs[op.invocation]
 	if q == nil {
-		q = &invQueue{id: op.invocation, level: l}
+		q = &invQueue{id: op.invocation, level: l, lastServed: l.lastServed}
 		l.invs[op.invocation] = q
 		q.ops.push(e)
 		l.order.push(q)
@@ -231,6 +236,7 @@ func (s *State) assign(op *operation, w *worker) {
 	lease := s.nextLease
 	s.nextLease++
 	op.inv.lastServed = lease
+	op.inv.level.lastServed = lease
 	s.unqueue(op)
 	op.stage = schedulerpb.Stage_STAGE_EXECUTING
 	op.attempts++
@@ -243,7 +249,7 @@ func (s *State) assign(op *operation, w *worker) {
 		Attempt:        op.attempts,
 		Instance:       op.key.instance,
 		DigestFunction: op.key.fn,
-		ActionDigest:   &schedulerpb.Digest{Hash: op.key.hash, SizeBytes: op.key.size},
+		ActionDigest:   op.digest,
 		Priority:       op.priority,
 		QueuedUnixNano: op.queuedAt,
 	})

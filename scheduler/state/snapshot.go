@@ -19,7 +19,17 @@ const snapshotVersion = 1
 // Snapshot writes the whole state to w as a serialized
 // schedulerpb.Snapshot. Identical states give identical bytes.
 func (s *State) Snapshot(w io.Writer) error {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(s.snapshot())
+	return WriteSnapshot(w, s.Capture())
+}
+
+// Capture returns the whole state as a message that shares nothing
+// mutable with s: Apply may go on while it is written with WriteSnapshot
+// (in a raft FSMSnapshot's Persist, say). The caller must not modify it.
+func (s *State) Capture() *schedulerpb.Snapshot { return s.snapshot() }
+
+// WriteSnapshot writes snap, from Capture, to w as Snapshot does.
+func WriteSnapshot(w io.Writer, snap *schedulerpb.Snapshot) error {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(snap)
 	if err != nil {
 		return fmt.Errorf("marshal scheduler snapshot: %w", err)
 	}
@@ -37,27 +47,19 @@ func (s *State) snapshot() *schedulerpb.Snapshot {
 		ClockUnixNano: s.clock,
 		Workers:       s.Workers(),
 		Operations:    s.Operations(schedulerpb.Stage_STAGE_UNSPECIFIED),
-		Queues:        nil,
 	}
-	for _, g := range s.busy {
+	for _, g := range s.busy { // by key
 		for _, l := range g.sorted {
+			ls := &schedulerpb.LevelState{PlatformKey: g.key, Priority: l.priority, LastServed: l.lastServed}
 			for _, q := range l.order {
-				if q.lastServed != 0 {
-					snap.Queues = append(snap.Queues, &schedulerpb.QueueState{
-						PlatformKey:  g.key,
-						Priority:     l.priority,
-						InvocationId: q.id,
-						LastServed:   q.lastServed,
-					})
-				}
+				ls.Invocations = append(ls.Invocations, &schedulerpb.InvocationState{InvocationId: q.id, LastServed: q.lastServed})
 			}
+			slices.SortFunc(ls.Invocations, func(a, b *schedulerpb.InvocationState) int {
+				return strings.Compare(a.InvocationId, b.InvocationId)
+			})
+			snap.Levels = append(snap.Levels, ls)
 		}
 	}
-	slices.SortFunc(snap.Queues, func(a, b *schedulerpb.QueueState) int {
-		return cmp.Or(strings.Compare(a.PlatformKey, b.PlatformKey),
-			cmp.Compare(a.Priority, b.Priority),
-			strings.Compare(a.InvocationId, b.InvocationId))
-	})
 	return snap
 }
 
@@ -103,15 +105,20 @@ func (s *State) restore(snap *schedulerpb.Snapshot) error {
 			return fmt.Errorf("operation %q: %w", p.GetName(), err)
 		}
 	}
-	for _, q := range snap.GetQueues() {
-		// A queue that does not exist (the configuration changed its
+	slices.SortStableFunc(s.done, func(a, b *operation) int { return cmp.Compare(a.doneAt, b.doneAt) })
+	for _, ls := range snap.GetLevels() {
+		// A level that does not exist (a changed configuration changed its
 		// platform key) starts afresh.
-		if g := s.groups[q.GetPlatformKey()]; g != nil {
-			if l := g.levels[q.GetPriority()]; l != nil {
-				if iq := l.invs[q.GetInvocationId()]; iq != nil {
-					iq.lastServed = q.GetLastServed()
-					l.order.fix(iq.index)
-				}
+		g := s.groups[ls.GetPlatformKey()]
+		if g == nil || g.levels[ls.GetPriority()] == nil {
+			continue
+		}
+		l := g.levels[ls.GetPriority()]
+		l.lastServed = ls.GetLastServed()
+		for _, is := range ls.GetInvocations() {
+			if q := l.invs[is.GetInvocationId()]; q != nil {
+				q.lastServed = is.GetLastServed()
+				l.order.fix(q.index)
 			}
 		}
 	}
@@ -123,6 +130,7 @@ func (s *State) restoreOp(p *schedulerpb.Operation) error {
 	op := &operation{
 		name:       p.GetName(),
 		key:        actionKey{instance: p.GetInstanceName(), fn: p.GetDigestFunction(), hash: d.GetHash(), size: d.GetSizeBytes()},
+		digest:     d,
 		platform:   p.GetPlatform(),
 		priority:   p.GetPriority(),
 		invocation: p.GetInvocationId(),
@@ -163,6 +171,7 @@ func (s *State) restoreOp(p *schedulerpb.Operation) error {
 		}
 		s.lease(op, w, p.GetLease())
 	case schedulerpb.Stage_STAGE_COMPLETED:
+		s.done = append(s.done, op)
 	default:
 		return fmt.Errorf("invalid stage %v", op.stage)
 	}

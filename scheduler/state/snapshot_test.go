@@ -83,6 +83,35 @@ func TestSnapshotRoundTrip(t *testing.T) {
 	}
 }
 
+// TestCaptureIsolated writes a captured snapshot while Apply goes on (the
+// race detector checks the sharing) and gets the bytes of the moment of
+// capture.
+func TestCaptureIsolated(t *testing.T) {
+	s := New(Config{})
+	r := apply(t, s, register("w", 2, "nix-system=x86_64-linux"),
+		sub{name: "a", platform: []string{"nix-system=x86_64-linux"}, waiter: "c1"}.cmd(),
+		sub{name: "b", platform: []string{"nix-system=x86_64-linux"}, waiter: "c1"}.cmd(),
+		sub{name: "c", platform: []string{"nix-system=x86_64-linux"}, waiter: "c1"}.cmd())
+	want := snapshotBytes(t, s)
+	snap := s.Capture()
+	done := make(chan []byte)
+	go func() {
+		var b bytes.Buffer
+		if err := WriteSnapshot(&b, snap); err != nil {
+			t.Error(err)
+		}
+		done <- b.Bytes()
+	}()
+	for i := range 50 {
+		apply(t, s, attach("c", fmt.Sprintf("x%d", i)), sub{name: fmt.Sprintf("c%d", i), hash: "h-c", waiter: fmt.Sprintf("y%d", i)}.cmd())
+	}
+	apply(t, s, detach("c", "c1"), complete("a", "w", r.Assignments[0].Lease, 9), cancel("b"),
+		reregister("w", 5, []string{"c"}, "nix-system=aarch64-linux"), compact(100))
+	if got := <-done; !bytes.Equal(got, want) {
+		t.Fatal("captured snapshot changed after capture")
+	}
+}
+
 func TestRestoreErrors(t *testing.T) {
 	s := New(Config{})
 	apply(t, s, register("w", 1), sub{name: "a"}.cmd(), sub{name: "b"}.cmd())

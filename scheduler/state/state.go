@@ -19,9 +19,15 @@
 // caches the workers that match it and the sum of their free slots, so a
 // dispatch round looks only at the few groups that have both queued work
 // and free slots. Within a group, operations are ordered by priority (lower
-// first), then by invocation (the one served least recently first, so a
-// large backlog does not starve a small one), then FIFO. The best head of
-// all eligible groups goes to the group's worker with the most free slots.
+// first), then round robin over invocations (the one served least recently
+// first; one that starts queueing joins the end of the round, so a large
+// backlog does not starve a small one, nor the reverse), then FIFO. The
+// best head of all eligible groups goes to the group's worker with the most
+// free slots (the first by id among equals), which spreads the load.
+//
+// Dispatch runs once at the end of every Apply, so a batch's assignments
+// see all of its commands (a Drain in the batch applies to the whole
+// batch).
 package state
 
 import (
@@ -75,6 +81,7 @@ type State struct {
 	groups   map[string]*group // by platform key; empty ones until Compact
 	busy     []*group          // groups with queued operations, by key
 	queued   map[int32]int     // number of queued operations by priority
+	done     []*operation      // completed operations, by completion time
 
 	nextSeq   uint64
 	nextLease uint64
@@ -103,6 +110,13 @@ func New(cfg Config) *State {
 		ignored:     make(map[string]bool),
 		list:        make(map[string]bool),
 		cfg:         cfg,
+		ops:         make(map[string]*operation),
+		inFlight:    make(map[actionKey]*operation),
+		workers:     make(map[string]*worker),
+		groups:      make(map[string]*group),
+		queued:      make(map[int32]int),
+		nextSeq:     1,
+		nextLease:   1,
 	}
 	for _, k := range cfg.IgnoredKeys {
 		s.ignored[k] = true
@@ -110,24 +124,11 @@ func New(cfg Config) *State {
 	for _, k := range cfg.ListKeys {
 		s.list[k] = true
 	}
-	s.reset()
 	return s
 }
 
-// reset empties the state, keeping the configuration.
-func (s *State) reset() {
-	s.ops = make(map[string]*operation)
-	s.inFlight = make(map[actionKey]*operation)
-	s.workers = make(map[string]*worker)
-	s.groups = make(map[string]*group)
-	s.busy = nil
-	s.queued = make(map[int32]int)
-	s.nextSeq = 1
-	s.nextLease = 1
-	s.clock = 0
-}
-
-// Response is the outcome of one Apply.
+// Response is the outcome of one Apply. It shares messages and byte
+// slices with the state: the caller must not modify them.
 type Response struct {
 	// Results has one entry per command of the batch, in order.
 	Results []Result
@@ -214,6 +215,7 @@ type actionKey struct {
 type operation struct {
 	name       string
 	key        actionKey
+	digest     *schedulerpb.Digest // the action digest of key
 	platform   []*schedulerpb.Property
 	priority   int32
 	invocation string

@@ -169,6 +169,31 @@ func TestFairnessRoundRobin(t *testing.T) {
 	}
 }
 
+// TestFairnessTrickle: an invocation that keeps emptying its queue, one
+// operation at a time, takes turns with a backlog instead of jumping ahead
+// of it every time.
+func TestFairnessTrickle(t *testing.T) {
+	s := New(Config{})
+	r := apply(t, s, register("w", 1), sub{name: "first", inv: "A"}.cmd())
+	var cmds []*schedulerpb.Command
+	for i := range 10 {
+		cmds = append(cmds, sub{name: fmt.Sprintf("a%d", i), inv: "A"}.cmd())
+	}
+	apply(t, s, cmds...)
+	running := r.Assignments[0]
+	var order []string
+	for i := range 10 {
+		// B submits one operation, then the worker finishes its current one.
+		apply(t, s, sub{name: fmt.Sprintf("b%d", i), inv: "B"}.cmd())
+		r = apply(t, s, complete(running.Operation, "w", running.Lease, 2))
+		running = r.Assignments[0]
+		order = append(order, running.Operation[:1])
+	}
+	if got, want := strings.Join(order, ""), "ababababab"; got != want {
+		t.Fatalf("order %s, want %s", got, want)
+	}
+}
+
 func TestPlatformMatching(t *testing.T) {
 	for _, tc := range []struct {
 		name   string

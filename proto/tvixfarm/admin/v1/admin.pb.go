@@ -312,6 +312,534 @@ func (x *StoreStatus) GetMaxBytes() int64 {
 	return 0
 }
 
+type ClusterStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterStatusRequest) Reset() {
+	*x = ClusterStatusRequest{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterStatusRequest) ProtoMessage() {}
+
+func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
+func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+}
+
+type ClusterStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The node that answered (the leader) and the raft term.
+	Leader    string           `protobuf:"bytes,1,opt,name=leader,proto3" json:"leader,omitempty"`
+	Term      uint64           `protobuf:"varint,2,opt,name=term,proto3" json:"term,omitempty"`
+	LastIndex uint64           `protobuf:"varint,3,opt,name=last_index,json=lastIndex,proto3" json:"last_index,omitempty"`
+	Members   []*ClusterMember `protobuf:"bytes,4,rep,name=members,proto3" json:"members,omitempty"`
+	// Queued operations by priority, lowest priority value first.
+	Queue         []*QueueLength `protobuf:"bytes,5,rep,name=queue,proto3" json:"queue,omitempty"`
+	Workers       []*WorkerInfo  `protobuf:"bytes,6,rep,name=workers,proto3" json:"workers,omitempty"`
+	Executing     int64          `protobuf:"varint,7,opt,name=executing,proto3" json:"executing,omitempty"`
+	Completed     int64          `protobuf:"varint,8,opt,name=completed,proto3" json:"completed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterStatus) Reset() {
+	*x = ClusterStatus{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterStatus) ProtoMessage() {}
+
+func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterStatus.ProtoReflect.Descriptor instead.
+func (*ClusterStatus) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *ClusterStatus) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+func (x *ClusterStatus) GetTerm() uint64 {
+	if x != nil {
+		return x.Term
+	}
+	return 0
+}
+
+func (x *ClusterStatus) GetLastIndex() uint64 {
+	if x != nil {
+		return x.LastIndex
+	}
+	return 0
+}
+
+func (x *ClusterStatus) GetMembers() []*ClusterMember {
+	if x != nil {
+		return x.Members
+	}
+	return nil
+}
+
+func (x *ClusterStatus) GetQueue() []*QueueLength {
+	if x != nil {
+		return x.Queue
+	}
+	return nil
+}
+
+func (x *ClusterStatus) GetWorkers() []*WorkerInfo {
+	if x != nil {
+		return x.Workers
+	}
+	return nil
+}
+
+func (x *ClusterStatus) GetExecuting() int64 {
+	if x != nil {
+		return x.Executing
+	}
+	return 0
+}
+
+func (x *ClusterStatus) GetCompleted() int64 {
+	if x != nil {
+		return x.Completed
+	}
+	return 0
+}
+
+type ClusterMember struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Raft  string                 `protobuf:"bytes,2,opt,name=raft,proto3" json:"raft,omitempty"`
+	// The node's gRPC address.
+	Client        string `protobuf:"bytes,3,opt,name=client,proto3" json:"client,omitempty"`
+	Voter         bool   `protobuf:"varint,4,opt,name=voter,proto3" json:"voter,omitempty"`
+	Leader        bool   `protobuf:"varint,5,opt,name=leader,proto3" json:"leader,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClusterMember) Reset() {
+	*x = ClusterMember{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClusterMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClusterMember) ProtoMessage() {}
+
+func (x *ClusterMember) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClusterMember.ProtoReflect.Descriptor instead.
+func (*ClusterMember) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *ClusterMember) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *ClusterMember) GetRaft() string {
+	if x != nil {
+		return x.Raft
+	}
+	return ""
+}
+
+func (x *ClusterMember) GetClient() string {
+	if x != nil {
+		return x.Client
+	}
+	return ""
+}
+
+func (x *ClusterMember) GetVoter() bool {
+	if x != nil {
+		return x.Voter
+	}
+	return false
+}
+
+func (x *ClusterMember) GetLeader() bool {
+	if x != nil {
+		return x.Leader
+	}
+	return false
+}
+
+type QueueLength struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Priority      int32                  `protobuf:"varint,1,opt,name=priority,proto3" json:"priority,omitempty"`
+	Queued        int64                  `protobuf:"varint,2,opt,name=queued,proto3" json:"queued,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueLength) Reset() {
+	*x = QueueLength{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueLength) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueLength) ProtoMessage() {}
+
+func (x *QueueLength) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueLength.ProtoReflect.Descriptor instead.
+func (*QueueLength) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *QueueLength) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *QueueLength) GetQueued() int64 {
+	if x != nil {
+		return x.Queued
+	}
+	return 0
+}
+
+type WorkerInfo struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Platform properties, "name=value".
+	Platform      []string `protobuf:"bytes,2,rep,name=platform,proto3" json:"platform,omitempty"`
+	Slots         int32    `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
+	Running       int32    `protobuf:"varint,4,opt,name=running,proto3" json:"running,omitempty"`
+	Drained       bool     `protobuf:"varint,5,opt,name=drained,proto3" json:"drained,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkerInfo) Reset() {
+	*x = WorkerInfo{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkerInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkerInfo) ProtoMessage() {}
+
+func (x *WorkerInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkerInfo.ProtoReflect.Descriptor instead.
+func (*WorkerInfo) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *WorkerInfo) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *WorkerInfo) GetPlatform() []string {
+	if x != nil {
+		return x.Platform
+	}
+	return nil
+}
+
+func (x *WorkerInfo) GetSlots() int32 {
+	if x != nil {
+		return x.Slots
+	}
+	return 0
+}
+
+func (x *WorkerInfo) GetRunning() int32 {
+	if x != nil {
+		return x.Running
+	}
+	return 0
+}
+
+func (x *WorkerInfo) GetDrained() bool {
+	if x != nil {
+		return x.Drained
+	}
+	return false
+}
+
+type DrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Worker        string                 `protobuf:"bytes,1,opt,name=worker,proto3" json:"worker,omitempty"`
+	Drained       bool                   `protobuf:"varint,2,opt,name=drained,proto3" json:"drained,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *DrainRequest) GetWorker() string {
+	if x != nil {
+		return x.Worker
+	}
+	return ""
+}
+
+func (x *DrainRequest) GetDrained() bool {
+	if x != nil {
+		return x.Drained
+	}
+	return false
+}
+
+type DrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+}
+
+type AddMemberRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Raft          string                 `protobuf:"bytes,2,opt,name=raft,proto3" json:"raft,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AddMemberRequest) Reset() {
+	*x = AddMemberRequest{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AddMemberRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AddMemberRequest) ProtoMessage() {}
+
+func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
+func (*AddMemberRequest) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *AddMemberRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *AddMemberRequest) GetRaft() string {
+	if x != nil {
+		return x.Raft
+	}
+	return ""
+}
+
+type RemoveMemberRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveMemberRequest) Reset() {
+	*x = RemoveMemberRequest{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveMemberRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveMemberRequest) ProtoMessage() {}
+
+func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
+func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *RemoveMemberRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 var File_tvixfarm_admin_v1_admin_proto protoreflect.FileDescriptor
 
 const file_tvixfarm_admin_v1_admin_proto_rawDesc = "" +
@@ -336,9 +864,50 @@ const file_tvixfarm_admin_v1_admin_proto_rawDesc = "" +
 	"\abackend\x18\x03 \x01(\tR\abackend\x12\x14\n" +
 	"\x05blobs\x18\x04 \x01(\x03R\x05blobs\x12\x14\n" +
 	"\x05bytes\x18\x05 \x01(\x03R\x05bytes\x12\x1b\n" +
-	"\tmax_bytes\x18\x06 \x01(\x03R\bmaxBytes2V\n" +
+	"\tmax_bytes\x18\x06 \x01(\x03R\bmaxBytes\"\x16\n" +
+	"\x14ClusterStatusRequest\"\xc1\x02\n" +
+	"\rClusterStatus\x12\x16\n" +
+	"\x06leader\x18\x01 \x01(\tR\x06leader\x12\x12\n" +
+	"\x04term\x18\x02 \x01(\x04R\x04term\x12\x1d\n" +
+	"\n" +
+	"last_index\x18\x03 \x01(\x04R\tlastIndex\x12:\n" +
+	"\amembers\x18\x04 \x03(\v2 .tvixfarm.admin.v1.ClusterMemberR\amembers\x124\n" +
+	"\x05queue\x18\x05 \x03(\v2\x1e.tvixfarm.admin.v1.QueueLengthR\x05queue\x127\n" +
+	"\aworkers\x18\x06 \x03(\v2\x1d.tvixfarm.admin.v1.WorkerInfoR\aworkers\x12\x1c\n" +
+	"\texecuting\x18\a \x01(\x03R\texecuting\x12\x1c\n" +
+	"\tcompleted\x18\b \x01(\x03R\tcompleted\"y\n" +
+	"\rClusterMember\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04raft\x18\x02 \x01(\tR\x04raft\x12\x16\n" +
+	"\x06client\x18\x03 \x01(\tR\x06client\x12\x14\n" +
+	"\x05voter\x18\x04 \x01(\bR\x05voter\x12\x16\n" +
+	"\x06leader\x18\x05 \x01(\bR\x06leader\"A\n" +
+	"\vQueueLength\x12\x1a\n" +
+	"\bpriority\x18\x01 \x01(\x05R\bpriority\x12\x16\n" +
+	"\x06queued\x18\x02 \x01(\x03R\x06queued\"\x82\x01\n" +
+	"\n" +
+	"WorkerInfo\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1a\n" +
+	"\bplatform\x18\x02 \x03(\tR\bplatform\x12\x14\n" +
+	"\x05slots\x18\x03 \x01(\x05R\x05slots\x12\x18\n" +
+	"\arunning\x18\x04 \x01(\x05R\arunning\x12\x18\n" +
+	"\adrained\x18\x05 \x01(\bR\adrained\"@\n" +
+	"\fDrainRequest\x12\x16\n" +
+	"\x06worker\x18\x01 \x01(\tR\x06worker\x12\x18\n" +
+	"\adrained\x18\x02 \x01(\bR\adrained\"\x0f\n" +
+	"\rDrainResponse\"6\n" +
+	"\x10AddMemberRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04raft\x18\x02 \x01(\tR\x04raft\"%\n" +
+	"\x13RemoveMemberRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id2V\n" +
 	"\x05Admin\x12M\n" +
-	"\x06Status\x12 .tvixfarm.admin.v1.StatusRequest\x1a!.tvixfarm.admin.v1.StatusResponseB*Z(tvixfarm/proto/tvixfarm/admin/v1;adminpbb\x06proto3"
+	"\x06Status\x12 .tvixfarm.admin.v1.StatusRequest\x1a!.tvixfarm.admin.v1.StatusResponse2\xd8\x02\n" +
+	"\aCluster\x12S\n" +
+	"\x06Status\x12'.tvixfarm.admin.v1.ClusterStatusRequest\x1a .tvixfarm.admin.v1.ClusterStatus\x12J\n" +
+	"\x05Drain\x12\x1f.tvixfarm.admin.v1.DrainRequest\x1a .tvixfarm.admin.v1.DrainResponse\x12R\n" +
+	"\tAddMember\x12#.tvixfarm.admin.v1.AddMemberRequest\x1a .tvixfarm.admin.v1.ClusterStatus\x12X\n" +
+	"\fRemoveMember\x12&.tvixfarm.admin.v1.RemoveMemberRequest\x1a .tvixfarm.admin.v1.ClusterStatusB*Z(tvixfarm/proto/tvixfarm/admin/v1;adminpbb\x06proto3"
 
 var (
 	file_tvixfarm_admin_v1_admin_proto_rawDescOnce sync.Once
@@ -352,23 +921,43 @@ func file_tvixfarm_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_tvixfarm_admin_v1_admin_proto_rawDescData
 }
 
-var file_tvixfarm_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_tvixfarm_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_tvixfarm_admin_v1_admin_proto_goTypes = []any{
-	(*StatusRequest)(nil),  // 0: tvixfarm.admin.v1.StatusRequest
-	(*StatusResponse)(nil), // 1: tvixfarm.admin.v1.StatusResponse
-	(*ExecutorStatus)(nil), // 2: tvixfarm.admin.v1.ExecutorStatus
-	(*StoreStatus)(nil),    // 3: tvixfarm.admin.v1.StoreStatus
+	(*StatusRequest)(nil),        // 0: tvixfarm.admin.v1.StatusRequest
+	(*StatusResponse)(nil),       // 1: tvixfarm.admin.v1.StatusResponse
+	(*ExecutorStatus)(nil),       // 2: tvixfarm.admin.v1.ExecutorStatus
+	(*StoreStatus)(nil),          // 3: tvixfarm.admin.v1.StoreStatus
+	(*ClusterStatusRequest)(nil), // 4: tvixfarm.admin.v1.ClusterStatusRequest
+	(*ClusterStatus)(nil),        // 5: tvixfarm.admin.v1.ClusterStatus
+	(*ClusterMember)(nil),        // 6: tvixfarm.admin.v1.ClusterMember
+	(*QueueLength)(nil),          // 7: tvixfarm.admin.v1.QueueLength
+	(*WorkerInfo)(nil),           // 8: tvixfarm.admin.v1.WorkerInfo
+	(*DrainRequest)(nil),         // 9: tvixfarm.admin.v1.DrainRequest
+	(*DrainResponse)(nil),        // 10: tvixfarm.admin.v1.DrainResponse
+	(*AddMemberRequest)(nil),     // 11: tvixfarm.admin.v1.AddMemberRequest
+	(*RemoveMemberRequest)(nil),  // 12: tvixfarm.admin.v1.RemoveMemberRequest
 }
 var file_tvixfarm_admin_v1_admin_proto_depIdxs = []int32{
-	3, // 0: tvixfarm.admin.v1.StatusResponse.stores:type_name -> tvixfarm.admin.v1.StoreStatus
-	2, // 1: tvixfarm.admin.v1.StatusResponse.executor:type_name -> tvixfarm.admin.v1.ExecutorStatus
-	0, // 2: tvixfarm.admin.v1.Admin.Status:input_type -> tvixfarm.admin.v1.StatusRequest
-	1, // 3: tvixfarm.admin.v1.Admin.Status:output_type -> tvixfarm.admin.v1.StatusResponse
-	3, // [3:4] is the sub-list for method output_type
-	2, // [2:3] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	3,  // 0: tvixfarm.admin.v1.StatusResponse.stores:type_name -> tvixfarm.admin.v1.StoreStatus
+	2,  // 1: tvixfarm.admin.v1.StatusResponse.executor:type_name -> tvixfarm.admin.v1.ExecutorStatus
+	6,  // 2: tvixfarm.admin.v1.ClusterStatus.members:type_name -> tvixfarm.admin.v1.ClusterMember
+	7,  // 3: tvixfarm.admin.v1.ClusterStatus.queue:type_name -> tvixfarm.admin.v1.QueueLength
+	8,  // 4: tvixfarm.admin.v1.ClusterStatus.workers:type_name -> tvixfarm.admin.v1.WorkerInfo
+	0,  // 5: tvixfarm.admin.v1.Admin.Status:input_type -> tvixfarm.admin.v1.StatusRequest
+	4,  // 6: tvixfarm.admin.v1.Cluster.Status:input_type -> tvixfarm.admin.v1.ClusterStatusRequest
+	9,  // 7: tvixfarm.admin.v1.Cluster.Drain:input_type -> tvixfarm.admin.v1.DrainRequest
+	11, // 8: tvixfarm.admin.v1.Cluster.AddMember:input_type -> tvixfarm.admin.v1.AddMemberRequest
+	12, // 9: tvixfarm.admin.v1.Cluster.RemoveMember:input_type -> tvixfarm.admin.v1.RemoveMemberRequest
+	1,  // 10: tvixfarm.admin.v1.Admin.Status:output_type -> tvixfarm.admin.v1.StatusResponse
+	5,  // 11: tvixfarm.admin.v1.Cluster.Status:output_type -> tvixfarm.admin.v1.ClusterStatus
+	10, // 12: tvixfarm.admin.v1.Cluster.Drain:output_type -> tvixfarm.admin.v1.DrainResponse
+	5,  // 13: tvixfarm.admin.v1.Cluster.AddMember:output_type -> tvixfarm.admin.v1.ClusterStatus
+	5,  // 14: tvixfarm.admin.v1.Cluster.RemoveMember:output_type -> tvixfarm.admin.v1.ClusterStatus
+	10, // [10:15] is the sub-list for method output_type
+	5,  // [5:10] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_tvixfarm_admin_v1_admin_proto_init() }
@@ -382,9 +971,9 @@ func file_tvixfarm_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tvixfarm_admin_v1_admin_proto_rawDesc), len(file_tvixfarm_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   13,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_tvixfarm_admin_v1_admin_proto_goTypes,
 		DependencyIndexes: file_tvixfarm_admin_v1_admin_proto_depIdxs,

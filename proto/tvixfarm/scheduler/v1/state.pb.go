@@ -634,7 +634,8 @@ type RegisterWorker struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	Worker string                 `protobuf:"bytes,1,opt,name=worker,proto3" json:"worker,omitempty"`
 	// What the worker offers. A name may appear several times: the worker
-	// offers each value.
+	// offers each value. Re-registering replaces the platform and slots, and
+	// keeps the drained flag.
 	Platform []*Property `protobuf:"bytes,2,rep,name=platform,proto3" json:"platform,omitempty"`
 	// Number of operations it runs at once.
 	Slots int32 `protobuf:"varint,3,opt,name=slots,proto3" json:"slots,omitempty"`
@@ -1497,34 +1498,37 @@ func (x *Worker) GetRunning() []string {
 	return nil
 }
 
-// QueueState is the fairness state of the queue of one invocation, for one
-// platform and priority.
-type QueueState struct {
+// LevelState is the fairness state of the queued operations of one
+// platform and priority: a round robin over invocations, in which the
+// invocation served least recently goes first.
+type LevelState struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Canonical key of the platform properties the queue matches on.
-	PlatformKey  string `protobuf:"bytes,1,opt,name=platform_key,json=platformKey,proto3" json:"platform_key,omitempty"`
-	Priority     int32  `protobuf:"varint,2,opt,name=priority,proto3" json:"priority,omitempty"`
-	InvocationId string `protobuf:"bytes,3,opt,name=invocation_id,json=invocationId,proto3" json:"invocation_id,omitempty"`
-	// Lease of the last operation dispatched from it; 0 if none was.
-	LastServed    uint64 `protobuf:"varint,4,opt,name=last_served,json=lastServed,proto3" json:"last_served,omitempty"`
+	// Canonical key of the platform properties the operations match on.
+	PlatformKey string `protobuf:"bytes,1,opt,name=platform_key,json=platformKey,proto3" json:"platform_key,omitempty"`
+	Priority    int32  `protobuf:"varint,2,opt,name=priority,proto3" json:"priority,omitempty"`
+	// Lease of the last operation dispatched from the level. An invocation
+	// that starts queueing takes this value: it joins the end of the round.
+	LastServed uint64 `protobuf:"varint,3,opt,name=last_served,json=lastServed,proto3" json:"last_served,omitempty"`
+	// The invocations with queued operations, by id.
+	Invocations   []*InvocationState `protobuf:"bytes,4,rep,name=invocations,proto3" json:"invocations,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
-func (x *QueueState) Reset() {
-	*x = QueueState{}
+func (x *LevelState) Reset() {
+	*x = LevelState{}
 	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
 
-func (x *QueueState) String() string {
+func (x *LevelState) String() string {
 	return protoimpl.X.MessageStringOf(x)
 }
 
-func (*QueueState) ProtoMessage() {}
+func (*LevelState) ProtoMessage() {}
 
-func (x *QueueState) ProtoReflect() protoreflect.Message {
+func (x *LevelState) ProtoReflect() protoreflect.Message {
 	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
@@ -1536,33 +1540,87 @@ func (x *QueueState) ProtoReflect() protoreflect.Message {
 	return mi.MessageOf(x)
 }
 
-// Deprecated: Use QueueState.ProtoReflect.Descriptor instead.
-func (*QueueState) Descriptor() ([]byte, []int) {
+// Deprecated: Use LevelState.ProtoReflect.Descriptor instead.
+func (*LevelState) Descriptor() ([]byte, []int) {
 	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{17}
 }
 
-func (x *QueueState) GetPlatformKey() string {
+func (x *LevelState) GetPlatformKey() string {
 	if x != nil {
 		return x.PlatformKey
 	}
 	return ""
 }
 
-func (x *QueueState) GetPriority() int32 {
+func (x *LevelState) GetPriority() int32 {
 	if x != nil {
 		return x.Priority
 	}
 	return 0
 }
 
-func (x *QueueState) GetInvocationId() string {
+func (x *LevelState) GetLastServed() uint64 {
+	if x != nil {
+		return x.LastServed
+	}
+	return 0
+}
+
+func (x *LevelState) GetInvocations() []*InvocationState {
+	if x != nil {
+		return x.Invocations
+	}
+	return nil
+}
+
+// InvocationState is the fairness state of one invocation in a LevelState.
+type InvocationState struct {
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	InvocationId string                 `protobuf:"bytes,1,opt,name=invocation_id,json=invocationId,proto3" json:"invocation_id,omitempty"`
+	// Lease of the last operation dispatched from it.
+	LastServed    uint64 `protobuf:"varint,2,opt,name=last_served,json=lastServed,proto3" json:"last_served,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *InvocationState) Reset() {
+	*x = InvocationState{}
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *InvocationState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*InvocationState) ProtoMessage() {}
+
+func (x *InvocationState) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use InvocationState.ProtoReflect.Descriptor instead.
+func (*InvocationState) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{18}
+}
+
+func (x *InvocationState) GetInvocationId() string {
 	if x != nil {
 		return x.InvocationId
 	}
 	return ""
 }
 
-func (x *QueueState) GetLastServed() uint64 {
+func (x *InvocationState) GetLastServed() uint64 {
 	if x != nil {
 		return x.LastServed
 	}
@@ -1583,15 +1641,15 @@ type Snapshot struct {
 	Workers []*Worker `protobuf:"bytes,5,rep,name=workers,proto3" json:"workers,omitempty"`
 	// Sorted by sequence.
 	Operations []*Operation `protobuf:"bytes,6,rep,name=operations,proto3" json:"operations,omitempty"`
-	// Queues that were served, sorted by platform key, priority, invocation.
-	Queues        []*QueueState `protobuf:"bytes,7,rep,name=queues,proto3" json:"queues,omitempty"`
+	// Levels with queued operations, by platform key and priority.
+	Levels        []*LevelState `protobuf:"bytes,8,rep,name=levels,proto3" json:"levels,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1603,7 +1661,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1616,7 +1674,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{18}
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *Snapshot) GetVersion() uint32 {
@@ -1661,9 +1719,9 @@ func (x *Snapshot) GetOperations() []*Operation {
 	return nil
 }
 
-func (x *Snapshot) GetQueues() []*QueueState {
+func (x *Snapshot) GetLevels() []*LevelState {
 	if x != nil {
-		return x.Queues
+		return x.Levels
 	}
 	return nil
 }
@@ -1775,14 +1833,18 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\x05slots\x18\x03 \x01(\x05R\x05slots\x12\x18\n" +
 	"\adrained\x18\x04 \x01(\bR\adrained\x120\n" +
 	"\x14registered_unix_nano\x18\x05 \x01(\x03R\x12registeredUnixNano\x12\x18\n" +
-	"\arunning\x18\x06 \x03(\tR\arunning\"\x91\x01\n" +
+	"\arunning\x18\x06 \x03(\tR\arunning\"\xb6\x01\n" +
 	"\n" +
-	"QueueState\x12!\n" +
+	"LevelState\x12!\n" +
 	"\fplatform_key\x18\x01 \x01(\tR\vplatformKey\x12\x1a\n" +
-	"\bpriority\x18\x02 \x01(\x05R\bpriority\x12#\n" +
-	"\rinvocation_id\x18\x03 \x01(\tR\finvocationId\x12\x1f\n" +
-	"\vlast_served\x18\x04 \x01(\x04R\n" +
-	"lastServed\"\xc6\x02\n" +
+	"\bpriority\x18\x02 \x01(\x05R\bpriority\x12\x1f\n" +
+	"\vlast_served\x18\x03 \x01(\x04R\n" +
+	"lastServed\x12H\n" +
+	"\vinvocations\x18\x04 \x03(\v2&.tvixfarm.scheduler.v1.InvocationStateR\vinvocations\"W\n" +
+	"\x0fInvocationState\x12#\n" +
+	"\rinvocation_id\x18\x01 \x01(\tR\finvocationId\x12\x1f\n" +
+	"\vlast_served\x18\x02 \x01(\x04R\n" +
+	"lastServed\"\xcc\x02\n" +
 	"\bSnapshot\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12#\n" +
 	"\rnext_sequence\x18\x02 \x01(\x04R\fnextSequence\x12\x1d\n" +
@@ -1793,7 +1855,7 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"operations\x18\x06 \x03(\v2 .tvixfarm.scheduler.v1.OperationR\n" +
 	"operations\x129\n" +
-	"\x06queues\x18\a \x03(\v2!.tvixfarm.scheduler.v1.QueueStateR\x06queues*Z\n" +
+	"\x06levels\x18\b \x03(\v2!.tvixfarm.scheduler.v1.LevelStateR\x06levelsJ\x04\b\a\x10\b*Z\n" +
 	"\x05Stage\x12\x15\n" +
 	"\x11STAGE_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fSTAGE_QUEUED\x10\x01\x12\x13\n" +
@@ -1813,28 +1875,29 @@ func file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_tvixfarm_scheduler_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tvixfarm_scheduler_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 19)
+var file_tvixfarm_scheduler_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_tvixfarm_scheduler_v1_state_proto_goTypes = []any{
-	(Stage)(0),             // 0: tvixfarm.scheduler.v1.Stage
-	(*Batch)(nil),          // 1: tvixfarm.scheduler.v1.Batch
-	(*Command)(nil),        // 2: tvixfarm.scheduler.v1.Command
-	(*Property)(nil),       // 3: tvixfarm.scheduler.v1.Property
-	(*Digest)(nil),         // 4: tvixfarm.scheduler.v1.Digest
-	(*Status)(nil),         // 5: tvixfarm.scheduler.v1.Status
-	(*Submit)(nil),         // 6: tvixfarm.scheduler.v1.Submit
-	(*RegisterWorker)(nil), // 7: tvixfarm.scheduler.v1.RegisterWorker
-	(*RemoveWorker)(nil),   // 8: tvixfarm.scheduler.v1.RemoveWorker
-	(*Drain)(nil),          // 9: tvixfarm.scheduler.v1.Drain
-	(*Complete)(nil),       // 10: tvixfarm.scheduler.v1.Complete
-	(*Fail)(nil),           // 11: tvixfarm.scheduler.v1.Fail
-	(*Cancel)(nil),         // 12: tvixfarm.scheduler.v1.Cancel
-	(*Attach)(nil),         // 13: tvixfarm.scheduler.v1.Attach
-	(*Detach)(nil),         // 14: tvixfarm.scheduler.v1.Detach
-	(*Compact)(nil),        // 15: tvixfarm.scheduler.v1.Compact
-	(*Operation)(nil),      // 16: tvixfarm.scheduler.v1.Operation
-	(*Worker)(nil),         // 17: tvixfarm.scheduler.v1.Worker
-	(*QueueState)(nil),     // 18: tvixfarm.scheduler.v1.QueueState
-	(*Snapshot)(nil),       // 19: tvixfarm.scheduler.v1.Snapshot
+	(Stage)(0),              // 0: tvixfarm.scheduler.v1.Stage
+	(*Batch)(nil),           // 1: tvixfarm.scheduler.v1.Batch
+	(*Command)(nil),         // 2: tvixfarm.scheduler.v1.Command
+	(*Property)(nil),        // 3: tvixfarm.scheduler.v1.Property
+	(*Digest)(nil),          // 4: tvixfarm.scheduler.v1.Digest
+	(*Status)(nil),          // 5: tvixfarm.scheduler.v1.Status
+	(*Submit)(nil),          // 6: tvixfarm.scheduler.v1.Submit
+	(*RegisterWorker)(nil),  // 7: tvixfarm.scheduler.v1.RegisterWorker
+	(*RemoveWorker)(nil),    // 8: tvixfarm.scheduler.v1.RemoveWorker
+	(*Drain)(nil),           // 9: tvixfarm.scheduler.v1.Drain
+	(*Complete)(nil),        // 10: tvixfarm.scheduler.v1.Complete
+	(*Fail)(nil),            // 11: tvixfarm.scheduler.v1.Fail
+	(*Cancel)(nil),          // 12: tvixfarm.scheduler.v1.Cancel
+	(*Attach)(nil),          // 13: tvixfarm.scheduler.v1.Attach
+	(*Detach)(nil),          // 14: tvixfarm.scheduler.v1.Detach
+	(*Compact)(nil),         // 15: tvixfarm.scheduler.v1.Compact
+	(*Operation)(nil),       // 16: tvixfarm.scheduler.v1.Operation
+	(*Worker)(nil),          // 17: tvixfarm.scheduler.v1.Worker
+	(*LevelState)(nil),      // 18: tvixfarm.scheduler.v1.LevelState
+	(*InvocationState)(nil), // 19: tvixfarm.scheduler.v1.InvocationState
+	(*Snapshot)(nil),        // 20: tvixfarm.scheduler.v1.Snapshot
 }
 var file_tvixfarm_scheduler_v1_state_proto_depIdxs = []int32{
 	2,  // 0: tvixfarm.scheduler.v1.Batch.commands:type_name -> tvixfarm.scheduler.v1.Command
@@ -1857,14 +1920,15 @@ var file_tvixfarm_scheduler_v1_state_proto_depIdxs = []int32{
 	3,  // 17: tvixfarm.scheduler.v1.Operation.platform:type_name -> tvixfarm.scheduler.v1.Property
 	5,  // 18: tvixfarm.scheduler.v1.Operation.status:type_name -> tvixfarm.scheduler.v1.Status
 	3,  // 19: tvixfarm.scheduler.v1.Worker.platform:type_name -> tvixfarm.scheduler.v1.Property
-	17, // 20: tvixfarm.scheduler.v1.Snapshot.workers:type_name -> tvixfarm.scheduler.v1.Worker
-	16, // 21: tvixfarm.scheduler.v1.Snapshot.operations:type_name -> tvixfarm.scheduler.v1.Operation
-	18, // 22: tvixfarm.scheduler.v1.Snapshot.queues:type_name -> tvixfarm.scheduler.v1.QueueState
-	23, // [23:23] is the sub-list for method output_type
-	23, // [23:23] is the sub-list for method input_type
-	23, // [23:23] is the sub-list for extension type_name
-	23, // [23:23] is the sub-list for extension extendee
-	0,  // [0:23] is the sub-list for field type_name
+	19, // 20: tvixfarm.scheduler.v1.LevelState.invocations:type_name -> tvixfarm.scheduler.v1.InvocationState
+	17, // 21: tvixfarm.scheduler.v1.Snapshot.workers:type_name -> tvixfarm.scheduler.v1.Worker
+	16, // 22: tvixfarm.scheduler.v1.Snapshot.operations:type_name -> tvixfarm.scheduler.v1.Operation
+	18, // 23: tvixfarm.scheduler.v1.Snapshot.levels:type_name -> tvixfarm.scheduler.v1.LevelState
+	24, // [24:24] is the sub-list for method output_type
+	24, // [24:24] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_tvixfarm_scheduler_v1_state_proto_init() }
@@ -1890,7 +1954,7 @@ func file_tvixfarm_scheduler_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tvixfarm_scheduler_v1_state_proto_rawDesc), len(file_tvixfarm_scheduler_v1_state_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   19,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
