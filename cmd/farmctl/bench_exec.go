@@ -116,6 +116,8 @@ type execBench struct {
 
 // execSample is what one action measured.
 type execSample struct {
+	// start is when its Execute was sent, from the start of the run.
+	start                 time.Duration
 	accept, dispatch, e2e time.Duration
 	done                  bool
 	errKind               string
@@ -140,6 +142,7 @@ func runBenchExec(args []string, stdout, stderr io.Writer) error {
 	conns := fs.Int("connections", 4, "gRPC connections the streams are spread over")
 	fnName := fs.String("digest-function", "sha256", "sha256 or blake3")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the client to this file")
+	samplesOut := fs.String("samples", "", "write each timed action's measures to this file (CSV: index, start offset, accept, dispatch, end to end in µs, error)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -257,6 +260,11 @@ func runBenchExec(args []string, stdout, stderr io.Writer) error {
 		rep.ActionsPerS = float64(rep.Completed) / wall.Seconds()
 	}
 	rep.Accept, rep.Dispatch, rep.EndToEnd = summarizeLatency(accept), summarizeLatency(dispatch), summarizeLatency(e2e)
+	if *samplesOut != "" {
+		if err := writeSamples(*samplesOut, samples); err != nil {
+			return err
+		}
+	}
 
 	if *jsonOut {
 		enc := json.NewEncoder(stdout)
@@ -441,7 +449,9 @@ func (b *execBench) run(actions []*repb.Digest, c int) ([]execSample, time.Durat
 				if i >= len(actions) {
 					return
 				}
+				t := time.Since(start)
 				samples[i] = b.execute(ex, actions[i])
+				samples[i].start = t
 			}
 		}()
 	}
@@ -533,7 +543,21 @@ func (b *execBench) check(op *longrunningpb.Operation) (string, error) {
 	return "", nil
 }
 
-// summarize returns the percentiles of ds (nearest rank).
+// writeSamples writes one CSV line per action.
+func writeSamples(path string, samples []execSample) error {
+	var sb strings.Builder
+	sb.WriteString("index,start_us,accept_us,dispatch_us,end_to_end_us,error\n")
+	for i, s := range samples {
+		e := ""
+		if s.err != nil {
+			e = strings.NewReplacer(",", ";", "\n", " ").Replace(s.errKind + ": " + s.err.Error())
+		}
+		fmt.Fprintf(&sb, "%d,%d,%d,%d,%d,%s\n", i, s.start.Microseconds(), s.accept.Microseconds(), s.dispatch.Microseconds(), s.e2e.Microseconds(), e)
+	}
+	return os.WriteFile(path, []byte(sb.String()), 0o644)
+}
+
+// summarizeLatency returns the percentiles of ds (nearest rank).
 func summarizeLatency(ds []time.Duration) execLatency {
 	if len(ds) == 0 {
 		return execLatency{}

@@ -84,11 +84,15 @@ func checkReport(t *testing.T, rep *execReport, actions int) {
 // no-op mode, in both output formats, and checks its failure cases.
 func TestBenchExecNoop(t *testing.T) {
 	addr := startExecFarm(t, "noop")
-	rep, err := benchExecJSON(t, "--farm", addr, "--actions", "300", "--concurrency", "50", "--warmup", "5")
+	samples := t.TempDir() + "/samples.csv"
+	rep, err := benchExecJSON(t, "--farm", addr, "--actions", "300", "--concurrency", "50", "--warmup", "5", "--samples", samples)
 	if err != nil {
 		t.Fatal(err)
 	}
 	checkReport(t, rep, 300)
+	if data, err := os.ReadFile(samples); err != nil || strings.Count(string(data), "\n") != 301 {
+		t.Errorf("samples file: %v\n%s", err, data)
+	}
 	if rep.Mode != "noop" || rep.Concurrency != 50 || strings.Join(rep.Platform, ",") != "OSFamily=linux" {
 		t.Errorf("report %+v", rep)
 	}

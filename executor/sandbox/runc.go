@@ -18,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	_ "github.com/opencontainers/cgroups/devices" // device rules need the devices cgroup driver
@@ -87,6 +88,7 @@ type Runc struct {
 
 	ctx     context.Context
 	cancel  context.CancelFunc
+	created atomic.Int64   // containers created, for tests
 	wg      sync.WaitGroup // preparing and destroying sandboxes
 	trashWG sync.WaitGroup
 	trash   *trash
@@ -345,7 +347,7 @@ func (b *Runc) prepare(s Shape) {
 				b.log.Warn("sandbox: preparing a sandbox failed", "err", err)
 			}
 			if in != nil {
-				in.Release()
+				in.release(false) // a failing preparation is not retried in a loop
 			}
 			return
 		}
@@ -357,7 +359,7 @@ func (b *Runc) prepare(s Shape) {
 		}
 		b.mu.Unlock()
 		if evict != nil {
-			evict.Release()
+			evict.release(false) // no replacement: that would evict again
 		}
 	}()
 }
@@ -377,7 +379,7 @@ func (b *Runc) Close() error {
 	b.pool = nil
 	b.mu.Unlock()
 	for _, in := range pool {
-		in.Release()
+		in.release(false)
 	}
 	b.wg.Wait()
 	b.cancel()
@@ -402,6 +404,7 @@ type runcInstance struct {
 	memCgroup      string
 	createTime     time.Duration
 	released       bool
+	waiting        bool   // Run reaps the process; else Release does
 	mounted        bool   // something may be mounted below dir
 	overlayDone    func() // called once the overlay is unmounted
 }
@@ -421,14 +424,14 @@ func (b *Runc) newInstance(s Shape) (*runcInstance, error) {
 	}
 	for _, w := range s.Writable {
 		if err := os.MkdirAll(filepath.Join(in.root, w), 0o755); err != nil {
-			in.Release()
+			in.release(false)
 			return nil, fmt.Errorf("sandbox: writable directory %q: %w", w, err)
 		}
 	}
 	if s.Overlay != "" {
 		in.mounted = true
 		if err := makeShared(filepath.Join(in.root, s.Overlay)); err != nil {
-			in.Release()
+			in.release(false)
 			return nil, err
 		}
 	}
@@ -437,7 +440,7 @@ func (b *Runc) newInstance(s Shape) (*runcInstance, error) {
 		in.stderr, err = os.OpenFile(filepath.Join(in.dir, "stderr"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	}
 	if err != nil {
-		in.Release()
+		in.release(false)
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
 	return in, nil
@@ -466,6 +469,7 @@ func (in *runcInstance) Overlay(layers []string, done func()) error {
 // the stub is ready for a command.
 func (in *runcInstance) create() (err error) {
 	t0 := time.Now()
+	in.b.created.Add(1)
 	if in.shape.Layout == Chroot {
 		// runc gives a tmpfs the mode of its mountpoint.
 		if err := os.MkdirAll(filepath.Join(in.root, "tmp"), 0o755); err != nil {
@@ -621,6 +625,7 @@ func (in *runcInstance) Run(ctx context.Context, cmd *Command) (*Result, error) 
 		err error
 	}
 	done := make(chan waited, 1)
+	in.waiting = true
 	go func() {
 		st, err := in.proc.Wait()
 		done <- waited{st, err}
@@ -785,7 +790,11 @@ func (in *runcInstance) oomKilled() bool {
 
 // Release destroys the container and removes the directory in the
 // background; a prepared sandbox of the same shape takes its place.
-func (in *runcInstance) Release() {
+func (in *runcInstance) Release() { in.release(true) }
+
+// release destroys the sandbox and, if refill, prepares another of its
+// shape.
+func (in *runcInstance) release(refill bool) {
 	if in.released {
 		return
 	}
@@ -804,6 +813,9 @@ func (in *runcInstance) Release() {
 		defer b.wg.Done()
 		if in.c != nil {
 			destroyContainer(in.c)
+			if in.proc != nil && !in.waiting {
+				in.proc.Wait() // reap the stub of a sandbox that ran nothing
+			}
 		}
 		if in.mounted {
 			if err := unmountUnder(in.dir); err != nil {
@@ -818,7 +830,9 @@ func (in *runcInstance) Release() {
 		}
 		b.trash.put(in.dir)
 	}()
-	b.prepare(in.shape)
+	if refill {
+		b.prepare(in.shape)
+	}
 }
 
 // spec is the OCI runtime spec of a sandbox.

@@ -382,3 +382,65 @@ mkdir /nix/store/out && echo built > /nix/store/out/o && echo ok`, last)
 		})
 	}
 }
+
+// TestPoolSettles uses and releases sandboxes with a full pool, then
+// idles: no container is created while idle (an evicted sandbox must not
+// prepare a replacement that evicts another), and every sandbox's
+// process is reaped (no zombies).
+func TestPoolSettles(t *testing.T) {
+	shape := Shape{Layout: Chroot, Writable: []string{"build"}}
+	b := newTestRunc(t, 1)
+	b.opts.Seed = nil
+	b.prepare(shape)
+	for i := 0; i < 4; i++ {
+		deadline := time.Now().Add(10 * time.Second)
+		for b.Prepared() == 0 && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		in, err := b.Acquire(context.Background(), shape)
+		if err != nil {
+			t.Fatal(err)
+		}
+		busyboxRoot(t, in.InputRoot())
+		if _, err := in.Run(context.Background(), &Command{Args: []string{"/bin/busybox", "true"}, Dir: "build"}); err != nil {
+			t.Fatal(err)
+		}
+		in.Release()
+	}
+	time.Sleep(time.Second)
+	before := b.created.Load()
+	time.Sleep(time.Second)
+	if n := b.created.Load() - before; n != 0 {
+		t.Errorf("%d containers created in 1 s of idling", n)
+	}
+	b.mu.Lock()
+	n := len(b.pool)
+	b.mu.Unlock()
+	b.Close()
+	if z := zombies(t); z != 0 {
+		t.Errorf("%d zombie children (pool held %d)", z, n)
+	}
+}
+
+// zombies counts this process's zombie children.
+func zombies(t *testing.T) int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	me := fmt.Sprint(os.Getpid())
+	n := 0
+	for _, e := range ents {
+		data, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...
+		s := string(data)
+		f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+		if len(f) > 1 && f[0] == "Z" && f[1] == me {
+			n++
+		}
+	}
+	return n
+}
