@@ -2,7 +2,6 @@ package scheduler
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -106,27 +105,16 @@ func (f *fsm) client(id string) string {
 	return f.members[id]
 }
 
-// Snapshot serialises the state now (raft does not apply entries during
-// this call); Persist writes the bytes later.
+// Snapshot captures the state now (raft does not apply entries during
+// this call); Persist serialises it later, while entries apply.
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	var buf bytes.Buffer
-	buf.WriteString(snapshotMagic)
 	ms := make([]member, 0, len(f.members))
 	for _, id := range slices.Sorted(maps.Keys(f.members)) {
 		ms = append(ms, member{ID: id, Client: f.members[id]})
 	}
-	js, err := json.Marshal(ms)
-	if err != nil {
-		return nil, err
-	}
-	buf.Write(binary.AppendUvarint(nil, uint64(len(js))))
-	buf.Write(js)
-	if err := f.st.Snapshot(&buf); err != nil {
-		return nil, fmt.Errorf("scheduler: snapshot: %w", err)
-	}
-	return snapshot(buf.Bytes()), nil
+	return &snapshot{members: ms, state: f.st.Capture()}, nil
 }
 
 // Restore replaces the state with a snapshot.
@@ -161,15 +149,32 @@ func (f *fsm) Restore(rc io.ReadCloser) error {
 	return nil
 }
 
-// snapshot is a serialised state.
-type snapshot []byte
+// snapshot is a captured state.
+type snapshot struct {
+	members []member
+	state   *schedulerpb.Snapshot
+}
 
-func (s snapshot) Persist(sink raft.SnapshotSink) error {
-	if _, err := sink.Write(s); err != nil {
+func (s *snapshot) Persist(sink raft.SnapshotSink) error {
+	err := func() error {
+		js, err := json.Marshal(s.members)
+		if err != nil {
+			return err
+		}
+		w := bufio.NewWriterSize(sink, 1<<20)
+		w.WriteString(snapshotMagic)
+		w.Write(binary.AppendUvarint(nil, uint64(len(js))))
+		w.Write(js)
+		if err := state.WriteSnapshot(w, s.state); err != nil {
+			return err
+		}
+		return w.Flush()
+	}()
+	if err != nil {
 		sink.Cancel()
-		return err
+		return fmt.Errorf("scheduler: snapshot: %w", err)
 	}
 	return sink.Close()
 }
 
-func (s snapshot) Release() {}
+func (s *snapshot) Release() {}
