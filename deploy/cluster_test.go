@@ -1,0 +1,117 @@
+// Package deploy holds deployment files; its test runs
+// local-cluster.sh as a user would.
+package deploy
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestLocalCluster builds the binaries, brings up the three-node cluster
+// of local-cluster.sh (no-op executors), runs farmctl against it, kills
+// the leader's process and checks the cluster carries on, then stops it.
+func TestLocalCluster(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds the binaries and runs 6 processes")
+	}
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "bin")
+	build := exec.Command("go", "build", "-o", bin+"/", "../cmd/tvixfarm", "../cmd/farmctl")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	env := append(os.Environ(), "TVIXFARM_CLUSTER_DIR="+filepath.Join(dir, "cluster"),
+		"TVIXFARM_BIN="+filepath.Join(bin, "tvixfarm"), "TVIXFARM_CLUSTER_SANDBOX=noop", "TVIXFARM_CLUSTER_SLOTS=64")
+	script := func(args ...string) (string, error) {
+		cmd := exec.Command("./local-cluster.sh", args...)
+		cmd.Env = env
+		var out bytes.Buffer
+		cmd.Stdout = &out
+		cmd.Stderr = &out
+		err := cmd.Run()
+		return out.String(), err
+	}
+	out, err := script("up")
+	t.Cleanup(func() { script("down") })
+	if err != nil {
+		t.Fatalf("up: %v\n%s", err, out)
+	}
+	client := ""
+	sc := bufio.NewScanner(strings.NewReader(out))
+	for sc.Scan() {
+		if a, ok := strings.CutPrefix(sc.Text(), "client: "); ok {
+			client = a
+		}
+	}
+	if client == "" {
+		t.Fatalf("no client line in:\n%s", out)
+	}
+	farmctl := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command(filepath.Join(bin, "farmctl"), append(args, "--farm", client)...).CombinedOutput()
+		if err != nil {
+			t.Fatalf("farmctl %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	var st struct {
+		Cluster struct {
+			Leader  string
+			Members []struct{ Id, Raft string }
+			Workers []struct{ Id string }
+		}
+	}
+	if err := json.Unmarshal([]byte(farmctl("status", "--json")), &st); err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Cluster.Members) != 3 || len(st.Cluster.Workers) != 2 || st.Cluster.Leader == "" {
+		t.Fatalf("status: %+v", st.Cluster)
+	}
+	farmctl("bench", "exec", "--actions", "300")
+	farmctl("drain", "exec1")
+	if w := farmctl("workers"); !strings.Contains(w, "drained") {
+		t.Errorf("workers after drain:\n%s", w)
+	}
+	farmctl("undrain", "exec1")
+	if ops := farmctl("ops", "--state", "completed"); strings.Count(ops, "\n") < 300 {
+		t.Errorf("ops lists %d lines", strings.Count(ops, "\n"))
+	}
+
+	// Kill the leader's process; the bench (through node1, or node2 if
+	// node1 was the leader) still completes.
+	pid, err := os.ReadFile(filepath.Join(dir, "cluster", st.Cluster.Leader, "pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p int
+	if _, err := fmt.Sscan(strings.TrimSpace(string(pid)), &p); err != nil {
+		t.Fatal(err)
+	}
+	syscall.Kill(p, syscall.SIGKILL)
+	if st.Cluster.Leader == "node1" {
+		client = "127.0.0.12:8980"
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		out, err := exec.Command(filepath.Join(bin, "farmctl"), "bench", "exec", "--actions", "100", "--farm", client).CombinedOutput()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no working cluster 30 s after the leader was killed: %v\n%s", err, out)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if out, err := script("down"); err != nil {
+		t.Fatalf("down: %v\n%s", err, out)
+	}
+}
