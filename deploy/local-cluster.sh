@@ -91,6 +91,17 @@ YAML
 		fi
 		sleep 0.1
 	done
+	# Every process must be ours and alive (a leftover cluster on the same
+	# addresses would have answered the wait above).
+	for p in "$dir"/*/pid; do
+		if ! kill -0 "$(cat "$p")" 2>/dev/null; then
+			name=$(basename "$(dirname "$p")")
+			echo "local-cluster: $name exited; its log:" >&2
+			tail -5 "$dir/$name/log" >&2
+			down >&2
+			exit 1
+		fi
+	done
 	echo "nodes: 127.0.0.11:8980 127.0.0.12:8980 127.0.0.13:8980"
 	echo "client: $client"
 }
