@@ -1,7 +1,7 @@
 #!/bin/sh
 # The main job on an embedded default: start an all-in-one tvixfarm, show it
-# serving (status, a REAPI round trip of blobs through every storage RPC),
-# and stop it. Usage: scripts/demo.sh [DATA_DIR] (default ./.demo-data).
+# serving (status, a REAPI round trip of blobs through every storage RPC,
+# sandboxed REAPI actions end to end), and stop it. Usage: scripts/demo.sh [DATA_DIR] (default ./.demo-data).
 set -eu
 cd "$(dirname "$0")/.."
 data=${1:-$PWD/.demo-data}
@@ -27,6 +27,9 @@ echo
 echo "== a REAPI round trip: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, ByteStream (SHA-256 and BLAKE3)"
 bin/farmctl bench cas --farm "$listen" --runs 1 --large-mib 16 2>/dev/null
 bin/farmctl bench cas --farm "$listen" --runs 1 --large-mib 16 --digest-function blake3 2>/dev/null
+echo
+echo "== REAPI actions end to end: Execute -> scheduler (one-node raft) -> executor (runc sandbox) -> result"
+bin/farmctl bench exec --farm "$listen" --mode trivial --actions 10
 echo
 bin/farmctl status --farm "$listen"
 echo
