@@ -80,7 +80,7 @@ func NewExecution(n *Node, stores *blobstore.Instances, ws *Workers, cfg Executi
 // Execute runs an action, or answers from the action cache.
 func (e *Execution) Execute(req *repb.ExecuteRequest, stream grpc.ServerStreamingServer[longrunningpb.Operation]) error {
 	ctx := stream.Context()
-	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	fn, err := grpcservers.RequestFunction(req.InstanceName, req.DigestFunction)
 	if err != nil {
 		return err
 	}
@@ -426,14 +426,6 @@ func requestMetadata(ctx context.Context) *repb.RequestMetadata {
 		}
 	}
 	return nil
-}
-
-// requestFunction resolves a request's digest function.
-func requestFunction(instance string, v repb.DigestFunction_Value) (digest.Function, error) {
-	if err := digest.ValidateInstanceName(instance); err != nil {
-		return 0, err
-	}
-	return digest.FunctionFromProto(v)
 }
 
 // describeUnsat words an unsatisfiable platform requirement.

@@ -91,21 +91,6 @@ func (f *Forwarder) target(ctx context.Context, method string) (*grpc.ClientConn
 	return c, nil
 }
 
-// outgoing copies a call's metadata for forwarding, minus the transport's
-// own headers, and marks it forwarded.
-func outgoing(ctx context.Context) context.Context {
-	in, _ := metadata.FromIncomingContext(ctx)
-	out := metadata.MD{}
-	for k, v := range in {
-		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || k == "content-type" || k == "user-agent" || k == "te" {
-			continue
-		}
-		out[k] = v
-	}
-	out.Set(forwardedKey, "1")
-	return metadata.NewOutgoingContext(ctx, out)
-}
-
 // UnaryInterceptor forwards unary calls.
 func (f *Forwarder) UnaryInterceptor() grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -117,7 +102,7 @@ func (f *Forwarder) UnaryInterceptor() grpc.UnaryServerInterceptor {
 			return handler(ctx, req)
 		}
 		reply := &rpc.Frame{}
-		if err := conn.Invoke(outgoing(ctx), info.FullMethod, req, reply); err != nil {
+		if err := conn.Invoke(rpc.ForwardContext(ctx, forwardedKey, "1"), info.FullMethod, req, reply); err != nil {
 			return nil, err
 		}
 		return reply, nil

@@ -32,7 +32,7 @@ func NewActionCacheServer(stores *blobstore.Instances) *ActionCacheServer {
 // GetActionResult returns the cached result of an action, with the
 // requested outputs inlined.
 func (s *ActionCacheServer) GetActionResult(ctx context.Context, req *repb.GetActionResultRequest) (*repb.ActionResult, error) {
-	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	fn, err := RequestFunction(req.InstanceName, req.DigestFunction)
 	if err != nil {
 		return nil, err
 	}
@@ -188,7 +188,7 @@ func inline(ctx context.Context, cas blobstore.BlobAccess, fn digest.Function, r
 // UpdateActionResult stores a result after checking that its digests are
 // well formed.
 func (s *ActionCacheServer) UpdateActionResult(ctx context.Context, req *repb.UpdateActionResultRequest) (*repb.ActionResult, error) {
-	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	fn, err := RequestFunction(req.InstanceName, req.DigestFunction)
 	if err != nil {
 		return nil, err
 	}

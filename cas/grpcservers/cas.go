@@ -38,10 +38,11 @@ var (
 	zstdDecoder, _ = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(MaxRecvMsgSize))
 )
 
-// requestFunction resolves a request's digest function (REAPI 2.3: absent
-// means the one the hash length implies, which is SHA-256 for the functions
-// tvixfarm supports).
-func requestFunction(instance string, v repb.DigestFunction_Value) (digest.Function, error) {
+// RequestFunction validates a request's instance name and resolves its
+// digest function (REAPI 2.3: absent means the one the hash length
+// implies, which is SHA-256 for the functions tvixfarm supports). The
+// scheduler uses it too.
+func RequestFunction(instance string, v repb.DigestFunction_Value) (digest.Function, error) {
 	if err := digest.ValidateInstanceName(instance); err != nil {
 		return 0, err
 	}
@@ -63,7 +64,7 @@ func parseDigests(fn digest.Function, pds []*repb.Digest) ([]digest.Digest, erro
 // FindMissingBlobs reports the blobs the store lacks. The empty blob is
 // never missing.
 func (s *CASServer) FindMissingBlobs(ctx context.Context, req *repb.FindMissingBlobsRequest) (*repb.FindMissingBlobsResponse, error) {
-	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	fn, err := RequestFunction(req.InstanceName, req.DigestFunction)
 	if err != nil {
 		return nil, err
 	}
@@ -143,7 +144,7 @@ func withoutEmpty(ds []digest.Digest) []digest.Digest {
 // BatchUpdateBlobs stores small blobs, in parallel, each verified against
 // its digest; the response has one status per blob.
 func (s *CASServer) BatchUpdateBlobs(ctx context.Context, req *repb.BatchUpdateBlobsRequest) (*repb.BatchUpdateBlobsResponse, error) {
-	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	fn, err := RequestFunction(req.InstanceName, req.DigestFunction)
 	if err != nil {
 		return nil, err
 	}
@@ -215,7 +216,7 @@ func decodeBlob(d digest.Digest, c repb.Compressor_Value, data []byte) ([]byte, 
 // BatchReadBlobs returns small blobs, compressed with zstd when the client
 // accepts it and it pays off.
 func (s *CASServer) BatchReadBlobs(ctx context.Context, req *repb.BatchReadBlobsRequest) (*repb.BatchReadBlobsResponse, error) {
-	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	fn, err := RequestFunction(req.InstanceName, req.DigestFunction)
 	if err != nil {
 		return nil, err
 	}
@@ -282,7 +283,7 @@ const maxTreePageBytes = 4<<20 - 1<<10
 // missing root is NotFound.
 func (s *CASServer) GetTree(req *repb.GetTreeRequest, stream repb.ContentAddressableStorage_GetTreeServer) error {
 	ctx := stream.Context()
-	fn, err := requestFunction(req.InstanceName, req.DigestFunction)
+	fn, err := RequestFunction(req.InstanceName, req.DigestFunction)
 	if err != nil {
 		return err
 	}

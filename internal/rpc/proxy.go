@@ -14,18 +14,7 @@ import (
 // messages. The incoming metadata is forwarded, minus the transport's
 // own headers, plus extra (key, value pairs).
 func Proxy(ss grpc.ServerStream, conn grpc.ClientConnInterface, method string, desc *grpc.StreamDesc, extra ...string) error {
-	in, _ := metadata.FromIncomingContext(ss.Context())
-	out := metadata.MD{}
-	for k, v := range in {
-		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || k == "content-type" || k == "user-agent" || k == "te" {
-			continue
-		}
-		out[k] = v
-	}
-	for i := 0; i+1 < len(extra); i += 2 {
-		out.Set(extra[i], extra[i+1])
-	}
-	ctx, cancel := context.WithCancel(metadata.NewOutgoingContext(ss.Context(), out))
+	ctx, cancel := context.WithCancel(ForwardContext(ss.Context(), extra...))
 	defer cancel()
 	cs, err := conn.NewStream(ctx, desc, method)
 	if err != nil {
@@ -63,6 +52,24 @@ func Proxy(ss grpc.ServerStream, conn grpc.ClientConnInterface, method string, d
 			return err
 		}
 	}
+}
+
+// ForwardContext returns ctx with the incoming metadata as outgoing
+// metadata, minus the transport's own headers, plus extra (key, value
+// pairs): for forwarding a call to another server.
+func ForwardContext(ctx context.Context, extra ...string) context.Context {
+	in, _ := metadata.FromIncomingContext(ctx)
+	out := metadata.MD{}
+	for k, v := range in {
+		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || k == "content-type" || k == "user-agent" || k == "te" {
+			continue
+		}
+		out[k] = v
+	}
+	for i := 0; i+1 < len(extra); i += 2 {
+		out.Set(extra[i], extra[i+1])
+	}
+	return metadata.NewOutgoingContext(ctx, out)
 }
 
 // ProxyHandler is a grpc.UnknownServiceHandler that forwards every call
