@@ -22,6 +22,8 @@ const usage = `usage: tvixfarm <command> [flags]
 
 commands:
   serve    start the farm (all roles in one process by default)
+  build    build Nix derivations on the farm (like nix-build)
+  log      print the build log of a derivation or output path
   version  print the version
 
 Run 'tvixfarm serve -h' for the flags of serve.
@@ -36,6 +38,10 @@ func main() {
 	switch os.Args[1] {
 	case "serve":
 		err = serve(os.Args[2:])
+	case "build":
+		err = build(os.Args[2:])
+	case "log":
+		err = logCmd(os.Args[2:])
 	case "version":
 		fmt.Println("tvixfarm", farm.Version)
 	case "-h", "-help", "--help", "help":

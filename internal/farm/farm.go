@@ -37,9 +37,11 @@ import (
 	"tvixfarm/cas/grpcservers"
 	"tvixfarm/executor"
 	"tvixfarm/executor/worker"
+	"tvixfarm/frontend/pathinfo"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/rpc"
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
+	storepb "tvixfarm/proto/tvixfarm/store/v1"
 	workerpb "tvixfarm/proto/tvixfarm/worker/v1"
 	"tvixfarm/scheduler"
 )
@@ -52,6 +54,7 @@ type Farm struct {
 	srv     *grpc.Server
 	health  *health.Server
 	stores  *blobstore.Instances
+	paths   pathinfo.Store
 	closers []io.Closer
 	cancel  context.CancelFunc
 	metrics *http.Server
@@ -223,6 +226,8 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, erro
 		repb.RegisterContentAddressableStorageServer(f.srv, grpcservers.NewCASServer(stores))
 		repb.RegisterActionCacheServer(f.srv, grpcservers.NewActionCacheServer(stores))
 		bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
+		f.paths = pathinfo.NewBlobStore(stores.Default.AC, stores.Default.CAS)
+		storepb.RegisterStoreServer(f.srv, pathinfo.NewServer(f.paths))
 	}
 	adminpb.RegisterAdminServer(f.srv, &adminServer{f: f, started: time.Now()})
 	f.health = health.NewServer()
@@ -237,6 +242,9 @@ func (f *Farm) Addr() string { return f.lis.Addr().String() }
 // Executor returns the in-process executor, or nil if this process does
 // not run the executor role.
 func (f *Farm) Executor() *executor.Executor { return f.exec }
+
+// Paths returns the path-info store, nil without the storage role.
+func (f *Farm) Paths() pathinfo.Store { return f.paths }
 
 // Stores returns the farm's storage (nil without the storage role).
 func (f *Farm) Stores() *blobstore.Instances { return f.stores }
