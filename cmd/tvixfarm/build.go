@@ -174,27 +174,16 @@ func connect(ctx context.Context, f *buildFlags, log *slog.Logger) (*farmConn, e
 		if f.data != "" {
 			cfg.Data = f.data
 		}
-		cfg.Listen = "127.0.0.1:0"
-		cfg.MetricsListen = ""
-		cfg.Role = "all"
-		if err := cfg.Validate(); err != nil {
+		e, err := farm.StartEmbedded(cfg, log)
+		if err != nil {
 			return nil, err
 		}
-		fctx, cancel := context.WithCancel(context.Background())
-		fm, err := farm.New(fctx, cfg, log)
-		if err != nil {
-			cancel()
-			return nil, fmt.Errorf("starting the embedded farm: %w", err)
-		}
-		done := make(chan error, 1)
-		go func() { done <- fm.Serve(fctx) }()
 		fc.close = func() {
-			cancel()
-			if err := <-done; err != nil && !errors.Is(err, context.Canceled) {
+			if err := e.Close(); err != nil {
 				log.Warn("embedded farm", "err", err)
 			}
 		}
-		addr = fm.Addr()
+		addr = e.Addr
 	}
 	conn, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),

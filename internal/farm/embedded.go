@@ -1,0 +1,55 @@
+package farm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"tvixfarm/internal/config"
+)
+
+// Embedded is an all-in-one farm running inside another program, such as
+// `tvixfarm build` without --farm, listening on a free loopback port.
+type Embedded struct {
+	// Addr is the farm's gRPC address.
+	Addr string
+	f    *Farm
+	stop context.CancelFunc
+	done chan error
+}
+
+// StartEmbedded starts cfg (its listen address and metrics listener are
+// replaced: a free loopback port, no metrics) with every role, and
+// returns once it serves.
+func StartEmbedded(cfg *config.Config, log *slog.Logger) (*Embedded, error) {
+	c := *cfg
+	c.Listen = "127.0.0.1:0"
+	c.MetricsListen = ""
+	c.Role = "all"
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	f, err := New(ctx, &c, log)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("starting the embedded farm: %w", err)
+	}
+	e := &Embedded{Addr: f.Addr(), f: f, stop: cancel, done: make(chan error, 1)}
+	go func() { e.done <- f.Serve(ctx) }()
+	return e, nil
+}
+
+// Farm returns the running farm.
+func (e *Embedded) Farm() *Farm { return e.f }
+
+// Close stops the farm and waits for it to finish.
+func (e *Embedded) Close() error {
+	e.stop()
+	err := <-e.done
+	if errors.Is(err, context.Canceled) {
+		err = nil
+	}
+	return err
+}
