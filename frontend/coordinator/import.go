@@ -59,7 +59,7 @@ func Import(ctx context.Context, farm Farm, local *nixstore.Store, paths []strin
 	exports := make([]nixstore.Export, len(order))
 	for i, p := range order {
 		info := closure[p]
-		n, err := narNode(info.Node)
+		n, err := NarNode(info.Node)
 		if err != nil {
 			return 0, fmt.Errorf("%s: %w", p, err)
 		}

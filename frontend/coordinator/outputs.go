@@ -96,8 +96,8 @@ func nodeProto(fn string, n nar.Node) *storepb.Node {
 	}
 }
 
-// narNode converts a path info's node.
-func narNode(n *storepb.Node) (nar.Node, error) {
+// NarNode converts a path info's node.
+func NarNode(n *storepb.Node) (nar.Node, error) {
 	switch n.GetKind() {
 	case storepb.Node_SYMLINK:
 		return nar.SymlinkNode(n.Target), nil

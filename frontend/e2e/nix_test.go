@@ -6,7 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"log/slog"
+	"io"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -20,10 +23,12 @@ import (
 	"tvixfarm/cas/digest"
 	"tvixfarm/frontend/coordinator"
 	"tvixfarm/frontend/internal/nixtest"
+	"tvixfarm/frontend/nar"
 	"tvixfarm/frontend/nixstore"
 	"tvixfarm/frontend/pathinfo"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/farm"
+	storepb "tvixfarm/proto/tvixfarm/store/v1"
 )
 
 // farmErrors are the errors the farm gives where they differ from Nix's.
@@ -186,6 +191,7 @@ func compare(ctx context.Context, t *testing.T, tf *testFarm, drv string, want m
 		}
 		if h := "sha256:" + nixtest.Nix32(info.NarSha256); h != w.NarHash || info.NarSize != w.NarSize {
 			t.Errorf("%s: output %s: farm NAR %s (%d bytes), nix %s (%d bytes)", drv, name, h, info.NarSize, w.NarHash, w.NarSize)
+			dump(ctx, t, tf, info)
 		}
 		if !slices.Equal(info.References, w.References) {
 			t.Errorf("%s: output %s: farm references %v, nix %v", drv, name, info.References, w.References)
@@ -200,3 +206,28 @@ func compare(ctx context.Context, t *testing.T, tf *testFarm, drv string, want m
 }
 
 var _ = errors.New
+
+// dump restores the farm's version of a path into $TVIXFARM_E2E_DUMP, if
+// set, for comparing it with Nix's by hand.
+func dump(ctx context.Context, t *testing.T, tf *testFarm, info *storepb.PathInfo) {
+	dir := os.Getenv("TVIXFARM_E2E_DUMP")
+	if dir == "" {
+		return
+	}
+	n, err := coordinator.NarNode(info.Node)
+	if err != nil {
+		t.Log(err)
+		return
+	}
+	dst := filepath.Join(dir, filepath.Base(info.StorePath))
+	os.RemoveAll(dst)
+	cmd := exec.CommandContext(ctx, "nix-store", "--restore", dst)
+	pr, pw := io.Pipe()
+	cmd.Stdin = pr
+	go func() { pw.CloseWithError(nar.Write(ctx, tf.farm.CAS, digest.BLAKE3, n, pw)) }()
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Logf("restoring %s: %v: %s", dst, err, out)
+		return
+	}
+	t.Logf("the farm's %s is in %s", info.StorePath, dst)
+}

@@ -241,7 +241,10 @@ func storeDirectories(ctx context.Context, cas blobstore.BlobAccess, fn digest.F
 		d    digest.Digest
 		data []byte
 	}
-	have := make(map[digest.Digest]bool, len(dirs))
+	// The empty Directory is the empty blob, which CAS servers treat as
+	// always present: it is neither required in the tree nor stored.
+	empty := digest.Empty(fn)
+	have := map[digest.Digest]bool{empty: true}
 	var msgs []msg
 	var refs []struct{ from, to digest.Digest }
 	for _, data := range dirs {
@@ -268,6 +271,10 @@ func storeDirectories(ctx context.Context, cas blobstore.BlobAccess, fn digest.F
 			return digest.Digest{}, fmt.Errorf("directory %s refers to directory %s, which the tree does not hold", r.from, r.to)
 		}
 	}
+	root := digest.Compute(fn, dirs[0])
+	if len(msgs) == 0 {
+		return root, nil
+	}
 	ds := make([]digest.Digest, len(msgs))
 	for i, m := range msgs {
 		ds[i] = m.d
@@ -291,5 +298,5 @@ func storeDirectories(ctx context.Context, cas blobstore.BlobAccess, fn digest.F
 			return digest.Digest{}, err
 		}
 	}
-	return msgs[0].d, nil
+	return root, nil
 }
