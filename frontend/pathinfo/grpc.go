@@ -31,6 +31,10 @@ func (s *server) GetPathInfos(ctx context.Context, req *storepb.GetPathInfosRequ
 	return resp, nil
 }
 
+func (s *server) GetPathInfoByHash(ctx context.Context, req *storepb.GetPathInfoByHashRequest) (*storepb.PathInfo, error) {
+	return s.s.GetByHash(ctx, req.Hash)
+}
+
 func (s *server) PutPathInfos(ctx context.Context, req *storepb.PutPathInfosRequest) (*storepb.PutPathInfosResponse, error) {
 	return &storepb.PutPathInfosResponse{}, s.s.Put(ctx, req.PathInfos)
 }
@@ -65,6 +69,10 @@ func (c *client) Get(ctx context.Context, paths []string) (map[string]*storepb.P
 		paths = paths[n:]
 	}
 	return m, nil
+}
+
+func (c *client) GetByHash(ctx context.Context, hash string) (*storepb.PathInfo, error) {
+	return c.c.GetPathInfoByHash(ctx, &storepb.GetPathInfoByHashRequest{Hash: hash})
 }
 
 func (c *client) Put(ctx context.Context, infos []*storepb.PathInfo) error {

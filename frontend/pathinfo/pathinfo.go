@@ -19,6 +19,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"github.com/nix-community/go-nix/pkg/storepath"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -34,6 +35,9 @@ import (
 type Store interface {
 	// Get returns the infos of the paths that are known, by store path.
 	Get(ctx context.Context, paths []string) (map[string]*storepb.PathInfo, error)
+	// GetByHash returns the info of the path whose hash part (the 32
+	// nixbase32 characters after /nix/store/) is hash, or NotFound.
+	GetByHash(ctx context.Context, hash string) (*storepb.PathInfo, error)
 	// Put stores infos; each must be valid (see Validate).
 	Put(ctx context.Context, infos []*storepb.PathInfo) error
 	// GetBuild returns the latest build record of drvPath, or NotFound.
@@ -43,10 +47,11 @@ type Store interface {
 }
 
 // MaxBatch bounds the number of paths in one Get or Put request.
-const MaxBatch = 10000
+const MaxBatch = 2000
 
 // key returns the AC key of a record: the SHA-256 of a prefix that no
-// Action message can start with, and the path. Records are thus never
+// Action message can start with, and the store path's hash part (path
+// infos) or the .drv path (builds). Records are thus never
 // returned for action digests and vice versa (collisions aside).
 func key(kind, path string) digest.Digest {
 	return digest.Compute(digest.SHA256, []byte("tvixfarm.store.v1."+kind+"\x00"+path))
@@ -75,7 +80,7 @@ func (s *blobStore) Get(ctx context.Context, paths []string) (map[string]*storep
 	errs := make([]error, len(paths))
 	blobstore.ParallelFor(len(paths), func(i int) {
 		var info storepb.PathInfo
-		found, err := s.read(ctx, key("PathInfo", paths[i]), &info)
+		found, err := s.read(ctx, key("PathInfo", HashPart(paths[i])), &info)
 		if err != nil {
 			errs[i] = fmt.Errorf("pathinfo: %s: %w", paths[i], err)
 			return
@@ -120,7 +125,7 @@ func (s *blobStore) Put(ctx context.Context, infos []*storepb.PathInfo) error {
 	}
 	errs := make([]error, len(infos))
 	blobstore.ParallelFor(len(infos), func(i int) {
-		errs[i] = s.write(ctx, key("PathInfo", infos[i].StorePath), infos[i])
+		errs[i] = s.write(ctx, key("PathInfo", HashPart(infos[i].StorePath)), infos[i])
 	})
 	return errors.Join(errs...)
 }
@@ -145,6 +150,30 @@ func findMissing(ctx context.Context, cas blobstore.BlobAccess, ds []digest.Dige
 		missing = append(missing, m...)
 	}
 	return missing, nil
+}
+
+func (s *blobStore) GetByHash(ctx context.Context, hash string) (*storepb.PathInfo, error) {
+	if len(hash) != 32 || strings.Trim(hash, nixbase32.Alphabet) != "" {
+		return nil, status.Errorf(codes.InvalidArgument, "pathinfo: %q is not a store path hash", hash)
+	}
+	var info storepb.PathInfo
+	found, err := s.read(ctx, key("PathInfo", hash), &info)
+	if err != nil {
+		return nil, fmt.Errorf("pathinfo: %s: %w", hash, err)
+	}
+	if !found || HashPart(info.StorePath) != hash {
+		return nil, status.Errorf(codes.NotFound, "no store path with hash %s on the farm", hash)
+	}
+	return &info, nil
+}
+
+// HashPart returns the 32-character hash part of a store path.
+func HashPart(p string) string {
+	b := strings.TrimPrefix(p, storepath.StoreDir+"/")
+	if len(b) < 32 {
+		return b
+	}
+	return b[:32]
 }
 
 func (s *blobStore) GetBuild(ctx context.Context, drvPath string) (*storepb.Build, error) {

@@ -421,6 +421,51 @@ func (x *GetPathInfosResponse) GetPathInfos() []*PathInfo {
 	return nil
 }
 
+type GetPathInfoByHashRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The 32 nixbase32 characters of a store path's hash part.
+	Hash          string `protobuf:"bytes,1,opt,name=hash,proto3" json:"hash,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetPathInfoByHashRequest) Reset() {
+	*x = GetPathInfoByHashRequest{}
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetPathInfoByHashRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetPathInfoByHashRequest) ProtoMessage() {}
+
+func (x *GetPathInfoByHashRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetPathInfoByHashRequest.ProtoReflect.Descriptor instead.
+func (*GetPathInfoByHashRequest) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *GetPathInfoByHashRequest) GetHash() string {
+	if x != nil {
+		return x.Hash
+	}
+	return ""
+}
+
 type PutPathInfosRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	PathInfos     []*PathInfo            `protobuf:"bytes,1,rep,name=path_infos,json=pathInfos,proto3" json:"path_infos,omitempty"`
@@ -430,7 +475,7 @@ type PutPathInfosRequest struct {
 
 func (x *PutPathInfosRequest) Reset() {
 	*x = PutPathInfosRequest{}
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[5]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -442,7 +487,7 @@ func (x *PutPathInfosRequest) String() string {
 func (*PutPathInfosRequest) ProtoMessage() {}
 
 func (x *PutPathInfosRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[5]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -455,7 +500,7 @@ func (x *PutPathInfosRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPathInfosRequest.ProtoReflect.Descriptor instead.
 func (*PutPathInfosRequest) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{5}
+	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *PutPathInfosRequest) GetPathInfos() []*PathInfo {
@@ -473,7 +518,7 @@ type PutPathInfosResponse struct {
 
 func (x *PutPathInfosResponse) Reset() {
 	*x = PutPathInfosResponse{}
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[6]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -485,7 +530,7 @@ func (x *PutPathInfosResponse) String() string {
 func (*PutPathInfosResponse) ProtoMessage() {}
 
 func (x *PutPathInfosResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[6]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -498,7 +543,7 @@ func (x *PutPathInfosResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutPathInfosResponse.ProtoReflect.Descriptor instead.
 func (*PutPathInfosResponse) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{6}
+	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{7}
 }
 
 // Build records one build of a derivation on the farm.
@@ -531,7 +576,7 @@ type Build struct {
 
 func (x *Build) Reset() {
 	*x = Build{}
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[7]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -543,7 +588,7 @@ func (x *Build) String() string {
 func (*Build) ProtoMessage() {}
 
 func (x *Build) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[7]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -556,7 +601,7 @@ func (x *Build) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Build.ProtoReflect.Descriptor instead.
 func (*Build) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{7}
+	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Build) GetDrvPath() string {
@@ -639,7 +684,7 @@ type GetBuildRequest struct {
 
 func (x *GetBuildRequest) Reset() {
 	*x = GetBuildRequest{}
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[8]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -651,7 +696,7 @@ func (x *GetBuildRequest) String() string {
 func (*GetBuildRequest) ProtoMessage() {}
 
 func (x *GetBuildRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[8]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -664,7 +709,7 @@ func (x *GetBuildRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetBuildRequest.ProtoReflect.Descriptor instead.
 func (*GetBuildRequest) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{8}
+	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *GetBuildRequest) GetDrvPath() string {
@@ -682,7 +727,7 @@ type PutBuildResponse struct {
 
 func (x *PutBuildResponse) Reset() {
 	*x = PutBuildResponse{}
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[9]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -694,7 +739,7 @@ func (x *PutBuildResponse) String() string {
 func (*PutBuildResponse) ProtoMessage() {}
 
 func (x *PutBuildResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[9]
+	mi := &file_tvixfarm_store_v1_store_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -707,7 +752,7 @@ func (x *PutBuildResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutBuildResponse.ProtoReflect.Descriptor instead.
 func (*PutBuildResponse) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{9}
+	return file_tvixfarm_store_v1_store_proto_rawDescGZIP(), []int{10}
 }
 
 var File_tvixfarm_store_v1_store_proto protoreflect.FileDescriptor
@@ -752,7 +797,9 @@ const file_tvixfarm_store_v1_store_proto_rawDesc = "" +
 	"storePaths\"R\n" +
 	"\x14GetPathInfosResponse\x12:\n" +
 	"\n" +
-	"path_infos\x18\x01 \x03(\v2\x1b.tvixfarm.store.v1.PathInfoR\tpathInfos\"Q\n" +
+	"path_infos\x18\x01 \x03(\v2\x1b.tvixfarm.store.v1.PathInfoR\tpathInfos\".\n" +
+	"\x18GetPathInfoByHashRequest\x12\x12\n" +
+	"\x04hash\x18\x01 \x01(\tR\x04hash\"Q\n" +
 	"\x13PutPathInfosRequest\x12:\n" +
 	"\n" +
 	"path_infos\x18\x01 \x03(\v2\x1b.tvixfarm.store.v1.PathInfoR\tpathInfos\"\x16\n" +
@@ -775,9 +822,10 @@ const file_tvixfarm_store_v1_store_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\",\n" +
 	"\x0fGetBuildRequest\x12\x19\n" +
 	"\bdrv_path\x18\x01 \x01(\tR\adrvPath\"\x12\n" +
-	"\x10PutBuildResponse2\xde\x02\n" +
+	"\x10PutBuildResponse2\xbd\x03\n" +
 	"\x05Store\x12_\n" +
-	"\fGetPathInfos\x12&.tvixfarm.store.v1.GetPathInfosRequest\x1a'.tvixfarm.store.v1.GetPathInfosResponse\x12_\n" +
+	"\fGetPathInfos\x12&.tvixfarm.store.v1.GetPathInfosRequest\x1a'.tvixfarm.store.v1.GetPathInfosResponse\x12]\n" +
+	"\x11GetPathInfoByHash\x12+.tvixfarm.store.v1.GetPathInfoByHashRequest\x1a\x1b.tvixfarm.store.v1.PathInfo\x12_\n" +
 	"\fPutPathInfos\x12&.tvixfarm.store.v1.PutPathInfosRequest\x1a'.tvixfarm.store.v1.PutPathInfosResponse\x12H\n" +
 	"\bGetBuild\x12\".tvixfarm.store.v1.GetBuildRequest\x1a\x18.tvixfarm.store.v1.Build\x12I\n" +
 	"\bPutBuild\x12\x18.tvixfarm.store.v1.Build\x1a#.tvixfarm.store.v1.PutBuildResponseB*Z(tvixfarm/proto/tvixfarm/store/v1;storepbb\x06proto3"
@@ -795,20 +843,21 @@ func file_tvixfarm_store_v1_store_proto_rawDescGZIP() []byte {
 }
 
 var file_tvixfarm_store_v1_store_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tvixfarm_store_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_tvixfarm_store_v1_store_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_tvixfarm_store_v1_store_proto_goTypes = []any{
-	(Node_Kind)(0),               // 0: tvixfarm.store.v1.Node.Kind
-	(*Digest)(nil),               // 1: tvixfarm.store.v1.Digest
-	(*Node)(nil),                 // 2: tvixfarm.store.v1.Node
-	(*PathInfo)(nil),             // 3: tvixfarm.store.v1.PathInfo
-	(*GetPathInfosRequest)(nil),  // 4: tvixfarm.store.v1.GetPathInfosRequest
-	(*GetPathInfosResponse)(nil), // 5: tvixfarm.store.v1.GetPathInfosResponse
-	(*PutPathInfosRequest)(nil),  // 6: tvixfarm.store.v1.PutPathInfosRequest
-	(*PutPathInfosResponse)(nil), // 7: tvixfarm.store.v1.PutPathInfosResponse
-	(*Build)(nil),                // 8: tvixfarm.store.v1.Build
-	(*GetBuildRequest)(nil),      // 9: tvixfarm.store.v1.GetBuildRequest
-	(*PutBuildResponse)(nil),     // 10: tvixfarm.store.v1.PutBuildResponse
-	nil,                          // 11: tvixfarm.store.v1.Build.OutputsEntry
+	(Node_Kind)(0),                   // 0: tvixfarm.store.v1.Node.Kind
+	(*Digest)(nil),                   // 1: tvixfarm.store.v1.Digest
+	(*Node)(nil),                     // 2: tvixfarm.store.v1.Node
+	(*PathInfo)(nil),                 // 3: tvixfarm.store.v1.PathInfo
+	(*GetPathInfosRequest)(nil),      // 4: tvixfarm.store.v1.GetPathInfosRequest
+	(*GetPathInfosResponse)(nil),     // 5: tvixfarm.store.v1.GetPathInfosResponse
+	(*GetPathInfoByHashRequest)(nil), // 6: tvixfarm.store.v1.GetPathInfoByHashRequest
+	(*PutPathInfosRequest)(nil),      // 7: tvixfarm.store.v1.PutPathInfosRequest
+	(*PutPathInfosResponse)(nil),     // 8: tvixfarm.store.v1.PutPathInfosResponse
+	(*Build)(nil),                    // 9: tvixfarm.store.v1.Build
+	(*GetBuildRequest)(nil),          // 10: tvixfarm.store.v1.GetBuildRequest
+	(*PutBuildResponse)(nil),         // 11: tvixfarm.store.v1.PutBuildResponse
+	nil,                              // 12: tvixfarm.store.v1.Build.OutputsEntry
 }
 var file_tvixfarm_store_v1_store_proto_depIdxs = []int32{
 	0,  // 0: tvixfarm.store.v1.Node.kind:type_name -> tvixfarm.store.v1.Node.Kind
@@ -816,19 +865,21 @@ var file_tvixfarm_store_v1_store_proto_depIdxs = []int32{
 	2,  // 2: tvixfarm.store.v1.PathInfo.node:type_name -> tvixfarm.store.v1.Node
 	3,  // 3: tvixfarm.store.v1.GetPathInfosResponse.path_infos:type_name -> tvixfarm.store.v1.PathInfo
 	3,  // 4: tvixfarm.store.v1.PutPathInfosRequest.path_infos:type_name -> tvixfarm.store.v1.PathInfo
-	11, // 5: tvixfarm.store.v1.Build.outputs:type_name -> tvixfarm.store.v1.Build.OutputsEntry
+	12, // 5: tvixfarm.store.v1.Build.outputs:type_name -> tvixfarm.store.v1.Build.OutputsEntry
 	1,  // 6: tvixfarm.store.v1.Build.log:type_name -> tvixfarm.store.v1.Digest
 	1,  // 7: tvixfarm.store.v1.Build.action:type_name -> tvixfarm.store.v1.Digest
 	4,  // 8: tvixfarm.store.v1.Store.GetPathInfos:input_type -> tvixfarm.store.v1.GetPathInfosRequest
-	6,  // 9: tvixfarm.store.v1.Store.PutPathInfos:input_type -> tvixfarm.store.v1.PutPathInfosRequest
-	9,  // 10: tvixfarm.store.v1.Store.GetBuild:input_type -> tvixfarm.store.v1.GetBuildRequest
-	8,  // 11: tvixfarm.store.v1.Store.PutBuild:input_type -> tvixfarm.store.v1.Build
-	5,  // 12: tvixfarm.store.v1.Store.GetPathInfos:output_type -> tvixfarm.store.v1.GetPathInfosResponse
-	7,  // 13: tvixfarm.store.v1.Store.PutPathInfos:output_type -> tvixfarm.store.v1.PutPathInfosResponse
-	8,  // 14: tvixfarm.store.v1.Store.GetBuild:output_type -> tvixfarm.store.v1.Build
-	10, // 15: tvixfarm.store.v1.Store.PutBuild:output_type -> tvixfarm.store.v1.PutBuildResponse
-	12, // [12:16] is the sub-list for method output_type
-	8,  // [8:12] is the sub-list for method input_type
+	6,  // 9: tvixfarm.store.v1.Store.GetPathInfoByHash:input_type -> tvixfarm.store.v1.GetPathInfoByHashRequest
+	7,  // 10: tvixfarm.store.v1.Store.PutPathInfos:input_type -> tvixfarm.store.v1.PutPathInfosRequest
+	10, // 11: tvixfarm.store.v1.Store.GetBuild:input_type -> tvixfarm.store.v1.GetBuildRequest
+	9,  // 12: tvixfarm.store.v1.Store.PutBuild:input_type -> tvixfarm.store.v1.Build
+	5,  // 13: tvixfarm.store.v1.Store.GetPathInfos:output_type -> tvixfarm.store.v1.GetPathInfosResponse
+	3,  // 14: tvixfarm.store.v1.Store.GetPathInfoByHash:output_type -> tvixfarm.store.v1.PathInfo
+	8,  // 15: tvixfarm.store.v1.Store.PutPathInfos:output_type -> tvixfarm.store.v1.PutPathInfosResponse
+	9,  // 16: tvixfarm.store.v1.Store.GetBuild:output_type -> tvixfarm.store.v1.Build
+	11, // 17: tvixfarm.store.v1.Store.PutBuild:output_type -> tvixfarm.store.v1.PutBuildResponse
+	13, // [13:18] is the sub-list for method output_type
+	8,  // [8:13] is the sub-list for method input_type
 	8,  // [8:8] is the sub-list for extension type_name
 	8,  // [8:8] is the sub-list for extension extendee
 	0,  // [0:8] is the sub-list for field type_name
@@ -845,7 +896,7 @@ func file_tvixfarm_store_v1_store_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tvixfarm_store_v1_store_proto_rawDesc), len(file_tvixfarm_store_v1_store_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,10 +25,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Store_GetPathInfos_FullMethodName = "/tvixfarm.store.v1.Store/GetPathInfos"
-	Store_PutPathInfos_FullMethodName = "/tvixfarm.store.v1.Store/PutPathInfos"
-	Store_GetBuild_FullMethodName     = "/tvixfarm.store.v1.Store/GetBuild"
-	Store_PutBuild_FullMethodName     = "/tvixfarm.store.v1.Store/PutBuild"
+	Store_GetPathInfos_FullMethodName      = "/tvixfarm.store.v1.Store/GetPathInfos"
+	Store_GetPathInfoByHash_FullMethodName = "/tvixfarm.store.v1.Store/GetPathInfoByHash"
+	Store_PutPathInfos_FullMethodName      = "/tvixfarm.store.v1.Store/PutPathInfos"
+	Store_GetBuild_FullMethodName          = "/tvixfarm.store.v1.Store/GetBuild"
+	Store_PutBuild_FullMethodName          = "/tvixfarm.store.v1.Store/PutBuild"
 )
 
 // StoreClient is the client API for Store service.
@@ -40,6 +41,9 @@ type StoreClient interface {
 	// GetPathInfos returns the infos of the store paths that are known, in
 	// any order; unknown paths are left out.
 	GetPathInfos(ctx context.Context, in *GetPathInfosRequest, opts ...grpc.CallOption) (*GetPathInfosResponse, error)
+	// GetPathInfoByHash returns the info of the store path with the given
+	// hash part (NOT_FOUND if unknown), as binary caches are asked.
+	GetPathInfoByHash(ctx context.Context, in *GetPathInfoByHashRequest, opts ...grpc.CallOption) (*PathInfo, error)
 	// PutPathInfos stores path infos. The trees they name must already be in
 	// the CAS (FAILED_PRECONDITION otherwise).
 	PutPathInfos(ctx context.Context, in *PutPathInfosRequest, opts ...grpc.CallOption) (*PutPathInfosResponse, error)
@@ -62,6 +66,16 @@ func (c *storeClient) GetPathInfos(ctx context.Context, in *GetPathInfosRequest,
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(GetPathInfosResponse)
 	err := c.cc.Invoke(ctx, Store_GetPathInfos_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *storeClient) GetPathInfoByHash(ctx context.Context, in *GetPathInfoByHashRequest, opts ...grpc.CallOption) (*PathInfo, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(PathInfo)
+	err := c.cc.Invoke(ctx, Store_GetPathInfoByHash_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -107,6 +121,9 @@ type StoreServer interface {
 	// GetPathInfos returns the infos of the store paths that are known, in
 	// any order; unknown paths are left out.
 	GetPathInfos(context.Context, *GetPathInfosRequest) (*GetPathInfosResponse, error)
+	// GetPathInfoByHash returns the info of the store path with the given
+	// hash part (NOT_FOUND if unknown), as binary caches are asked.
+	GetPathInfoByHash(context.Context, *GetPathInfoByHashRequest) (*PathInfo, error)
 	// PutPathInfos stores path infos. The trees they name must already be in
 	// the CAS (FAILED_PRECONDITION otherwise).
 	PutPathInfos(context.Context, *PutPathInfosRequest) (*PutPathInfosResponse, error)
@@ -127,6 +144,9 @@ type UnimplementedStoreServer struct{}
 
 func (UnimplementedStoreServer) GetPathInfos(context.Context, *GetPathInfosRequest) (*GetPathInfosResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetPathInfos not implemented")
+}
+func (UnimplementedStoreServer) GetPathInfoByHash(context.Context, *GetPathInfoByHashRequest) (*PathInfo, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetPathInfoByHash not implemented")
 }
 func (UnimplementedStoreServer) PutPathInfos(context.Context, *PutPathInfosRequest) (*PutPathInfosResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method PutPathInfos not implemented")
@@ -172,6 +192,24 @@ func _Store_GetPathInfos_Handler(srv interface{}, ctx context.Context, dec func(
 	}
 	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
 		return srv.(StoreServer).GetPathInfos(ctx, req.(*GetPathInfosRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Store_GetPathInfoByHash_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetPathInfoByHashRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(StoreServer).GetPathInfoByHash(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Store_GetPathInfoByHash_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(StoreServer).GetPathInfoByHash(ctx, req.(*GetPathInfoByHashRequest))
 	}
 	return interceptor(ctx, in, info, handler)
 }
@@ -240,6 +278,10 @@ var Store_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetPathInfos",
 			Handler:    _Store_GetPathInfos_Handler,
+		},
+		{
+			MethodName: "GetPathInfoByHash",
+			Handler:    _Store_GetPathInfoByHash_Handler,
 		},
 		{
 			MethodName: "PutPathInfos",
