@@ -14,7 +14,7 @@ DATA      ?= $(CURDIR)/.demo-data
 export CGO_ENABLED := 1
 export GOFLAGS     := -tags=seccomp,netgo,osusergo -ldflags=-extldflags=-static
 
-.PHONY: all build test test-short bench lint proto demo deps deps-if-missing clean fuzz
+.PHONY: all build test test-short bench lint proto demo demo-reapi deps deps-if-missing clean fuzz
 
 all: build
 
@@ -25,7 +25,7 @@ build:
 # The test suite: real redis-server, real gRPC over loopback, race detector.
 # Installs the Debian packages it needs when they are missing (as root).
 test: deps-if-missing
-	PATH=$(dir $(GO)):$$PATH TVIXFARM_REQUIRE_REDIS=1 TVIXFARM_REQUIRE_SANDBOX=1 $(GO) test -race -count=1 -timeout 20m ./...
+	PATH=$(dir $(GO)):$$PATH TVIXFARM_REQUIRE_REDIS=1 TVIXFARM_REQUIRE_SANDBOX=1 TVIXFARM_REQUIRE_NIX=1 $(GO) test -race -count=1 -timeout 20m ./...
 
 test-short:
 	$(GO) test -short -count=1 ./...
@@ -63,13 +63,18 @@ $(BIN)/protoc-gen-go-grpc:
 demo: build
 	./scripts/demo.sh $(DATA)
 
+# The REAPI side: tvixfarm serve, farmctl status, blobs and sandboxed actions.
+demo-reapi: build
+	./scripts/demo-reapi.sh $(DATA)
+
 # System packages the tests and `make proto` need (Debian, as root).
 deps:
 	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server protobuf-compiler libseccomp-dev busybox-static gcc
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server protobuf-compiler libseccomp-dev busybox-static gcc nix-bin jq
 
 deps-if-missing:
-	@command -v redis-server >/dev/null && test -e /usr/lib/x86_64-linux-gnu/libseccomp.a && test -x /bin/busybox || $(MAKE) deps
+	@command -v redis-server >/dev/null && test -e /usr/lib/x86_64-linux-gnu/libseccomp.a && test -x /bin/busybox && command -v nix-build >/dev/null && command -v jq >/dev/null || $(MAKE) deps
+	@./scripts/nix-setup.sh >/dev/null
 
 clean:
 	rm -rf $(BIN) $(DATA)

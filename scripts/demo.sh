@@ -1,40 +1,29 @@
 #!/bin/sh
-# The main job on an embedded default: start an all-in-one tvixfarm, show it
-# serving (status, a REAPI round trip of blobs through every storage RPC,
-# sandboxed REAPI actions end to end), and stop it. Usage: scripts/demo.sh [DATA_DIR] (default ./.demo-data).
+# The main job on an embedded default: build a sample Nix derivation
+# (examples/hello.nix, two derivations) with `tvixfarm build` on an
+# all-in-one farm inside the command (storage, one-node raft scheduler,
+# runc-sandboxed executor), then show the result, its log, and a second
+# build that finds everything on the farm.
+# Usage: scripts/demo.sh [DATA_DIR] (default ./.demo-data).
 set -eu
 cd "$(dirname "$0")/.."
 data=${1:-$PWD/.demo-data}
-listen=${TVIXFARM_LISTEN:-127.0.0.1:8980}
 [ -x bin/tvixfarm ] && [ -x bin/farmctl ] || make build
+# Real Nix evaluates (nix-instantiate) and receives the outputs; the sample's
+# builder is busybox in the local store.
+scripts/nix-setup.sh >/dev/null
 mkdir -p "$data"
-bin/tvixfarm serve --listen "$listen" --data "$data" 2>"$data/serve.log" &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null || true' EXIT INT TERM
-i=0
-until bin/farmctl status --farm "$listen" --timeout 1s >/dev/null 2>&1; do
-	i=$((i + 1))
-	if [ $i -gt 50 ] || ! kill -0 $pid 2>/dev/null; then
-		echo "tvixfarm did not start; its log:" >&2
-		cat "$data/serve.log" >&2
-		exit 1
-	fi
-	sleep 0.2
-done
-echo "== tvixfarm serving on $listen (data in $data), pid $pid"
-bin/farmctl status --farm "$listen"
+salt=$(date +%s%N)
+echo "== tvixfarm build examples/hello.nix (embedded farm, data in $data)"
+bin/tvixfarm build --data "$data" --argstr greeting "Hello from tvixfarm ($salt)" -o "$data/result" examples/hello.nix
 echo
-echo "== a REAPI round trip: FindMissingBlobs, BatchUpdateBlobs, BatchReadBlobs, ByteStream (SHA-256 and BLAKE3)"
-bin/farmctl bench cas --farm "$listen" --runs 1 --large-mib 16 2>/dev/null
-bin/farmctl bench cas --farm "$listen" --runs 1 --large-mib 16 --digest-function blake3 2>/dev/null
+echo "== the result, registered in the local Nix store"
+ls -l "$data/result"
+"$data/result/bin/hello"
+nix-store -q --references "$data/result"
 echo
-echo "== REAPI actions end to end: Execute -> scheduler (one-node raft) -> executor (runc sandbox) -> result"
-bin/farmctl bench exec --farm "$listen" --mode trivial --actions 10
+echo "== its build log, kept in the farm's CAS (tvixfarm log)"
+bin/tvixfarm log --data "$data" "$data/result"
 echo
-bin/farmctl status --farm "$listen"
-echo
-echo "== stopping (SIGTERM)"
-kill -TERM $pid
-wait $pid || true
-trap - EXIT INT TERM
-tail -n 3 "$data/serve.log"
+echo "== the same build again: everything is on the farm"
+bin/tvixfarm build --data "$data" --argstr greeting "Hello from tvixfarm ($salt)" -o "$data/result" examples/hello.nix

@@ -174,7 +174,13 @@ func connect(ctx context.Context, f *buildFlags, log *slog.Logger) (*farmConn, e
 		if f.data != "" {
 			cfg.Data = f.data
 		}
-		e, err := farm.StartEmbedded(cfg, log)
+		// The embedded farm's own logs (raft elections, the executor
+		// starting) are noise for a user of build unless asked for.
+		flog := log
+		if f.verbose == 0 {
+			flog = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+		}
+		e, err := farm.StartEmbedded(cfg, flog)
 		if err != nil {
 			return nil, err
 		}
@@ -279,7 +285,9 @@ func build(args []string) error {
 		Logger:    log,
 	}.WithTranslate(fn, settings.Cores, sandbox))
 	res, err := c.Build(ctx, targets)
-	prog.finish()
+	if res != nil {
+		prog.finish(res.Counts)
+	}
 	if err != nil {
 		if res != nil && len(res.Errors) > 1 {
 			for _, e := range res.Errors {
@@ -424,13 +432,12 @@ func (p *progress) draw() {
 	p.drawn = true
 }
 
-func (p *progress) finish() {
+func (p *progress) finish(c coordinator.Counts) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.tty {
 		p.clear()
 	}
-	c := p.last
 	if c.Total > 0 || c.Present > 0 {
 		fmt.Fprintf(p.w, "%d built (%d cached), %d failed, %d skipped, %d already on the farm, in %s\n",
 			c.Built, c.Cached, c.Failed, c.Skipped, c.Present, time.Since(p.start).Round(time.Millisecond))
