@@ -540,4 +540,27 @@ in
       '';
     };
   };
+
+  # graph1000: a layered graph of 1,000 derivations (10 layers of 100; each
+  # derivation of a layer depends on two of the layer below) and a root
+  # that depends on the top layer; for the fully cached rebuild benchmark
+  # (docs/BENCHMARKS.md). Succeeds. Not in nixtest.Cases (slow for Nix).
+  graph1000 =
+    let
+      layer = n: below: builtins.genList
+        (i: mkDrv ({
+          name = "g-${toString n}-${toString i}";
+          script = "echo ${toString n}-${toString i} $deps > $out";
+          deps = if below == [ ] then [ ] else [
+            (builtins.elemAt below i)
+            (builtins.elemAt below (if i == 99 then 0 else i + 1))
+          ];
+        })) 100;
+      layers = builtins.foldl' (acc: n: acc ++ [ (layer n (if acc == [ ] then [ ] else builtins.elemAt acc (n - 1))) ]) [ ] (builtins.genList (x: x) 10);
+    in
+    mkDrv {
+      name = "graph1000";
+      top = builtins.elemAt layers 9;
+      script = "echo $top > $out";
+    };
 }
