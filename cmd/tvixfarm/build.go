@@ -236,6 +236,11 @@ func build(args []string) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
+	t0 := time.Now()
+	phase := func(name string) {
+		log.Info("phase done", "phase", name, "took", time.Since(t0).Round(time.Millisecond))
+		t0 = time.Now()
+	}
 	local, err := nixstore.Local()
 	if err != nil {
 		return fmt.Errorf("build: %v (tvixfarm build evaluates with nix-instantiate and reads .drv files from the local store)", err)
@@ -262,16 +267,19 @@ func build(args []string) error {
 			targets = append(targets, coordinator.Request{Drv: t.Drv, Outputs: t.Outputs})
 		}
 	}
+	phase("evaluate")
 	settings, err := nixstore.ReadSettings(ctx)
 	if err != nil {
 		return fmt.Errorf("build: reading the Nix settings: %w", err)
 	}
 
+	phase("settings")
 	fc, err := connect(ctx, f, log)
 	if err != nil {
 		return err
 	}
 	defer fc.close()
+	phase("connect")
 	sandbox, err := coordinator.SandboxFiles(ctx, fc.farm.CAS, fn, settings.SandboxPaths)
 	if err != nil {
 		return err
@@ -284,7 +292,9 @@ func build(args []string) error {
 		Events:    prog.event,
 		Logger:    log,
 	}.WithTranslate(fn, settings.Cores, sandbox))
+	phase("sandbox paths")
 	res, err := c.Build(ctx, targets)
+	phase("build")
 	if res != nil {
 		prog.finish(res.Counts)
 	}
@@ -307,6 +317,8 @@ func build(args []string) error {
 	if _, err := coordinator.Import(ctx, fc.farm, local, outs); err != nil {
 		return fmt.Errorf("build: registering the outputs in the local Nix store: %w", err)
 	}
+	phase("import")
+	defer phase("roots")
 	i := 0
 	for _, t := range targets {
 		outputs := res.Outputs[t.Drv]

@@ -31,7 +31,7 @@ func StartEmbedded(cfg *config.Config, log *slog.Logger) (*Embedded, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	f, err := New(ctx, &c, log)
+	f, err := newFarm(ctx, &c, log, true)
 	if err != nil {
 		cancel()
 		return nil, fmt.Errorf("starting the embedded farm: %w", err)

@@ -48,18 +48,20 @@ import (
 
 // Farm is a running tvixfarm process.
 type Farm struct {
-	cfg     *config.Config
-	log     *slog.Logger
-	lis     net.Listener
-	srv     *grpc.Server
-	health  *health.Server
-	stores  *blobstore.Instances
-	paths   pathinfo.Store
-	closers []io.Closer
-	cancel  context.CancelFunc
-	metrics *http.Server
-	exec    *executor.Executor
-	sched   *schedulerRole
+	cfg    *config.Config
+	log    *slog.Logger
+	lis    net.Listener
+	srv    *grpc.Server
+	health *health.Server
+	stores *blobstore.Instances
+	paths  pathinfo.Store
+	// embedded is set by StartEmbedded.
+	embedded bool
+	closers  []io.Closer
+	cancel   context.CancelFunc
+	metrics  *http.Server
+	exec     *executor.Executor
+	sched    *schedulerRole
 	// runner runs actions for the scheduler at schedAddr.
 	runner    worker.Runner
 	schedAddr string
@@ -102,10 +104,14 @@ func executionCapabilities() *repb.ExecutionCapabilities {
 
 // New opens the storage and binds the listener; Serve serves it.
 func New(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Farm, error) {
+	return newFarm(ctx, cfg, log, false)
+}
+
+func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded bool) (*Farm, error) {
 	if err := os.MkdirAll(cfg.Data, 0o755); err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
-	f := &Farm{cfg: cfg, log: log}
+	f := &Farm{cfg: cfg, log: log, embedded: embedded}
 	roles, err := parseRoles(cfg.Role)
 	if err != nil {
 		return nil, err

@@ -91,9 +91,10 @@ func (f *Farm) newScheduler(cfg config.Scheduler, clientAddr string, stores *blo
 	if err != nil {
 		return nil, err
 	}
-	if len(peers) == 0 {
+	if len(peers) == 0 && !f.embedded {
 		// A single node elects itself within a second: wait, so that
-		// the first client does not have to retry.
+		// the first client does not have to retry. (An embedded farm's
+		// client starts with the store and retries Execute.)
 		wctx, wcancel := context.WithTimeout(context.Background(), 10*time.Second)
 		err := n.WaitLeader(wctx)
 		wcancel()
