@@ -24,6 +24,7 @@ import (
 	"tvixfarm/cas/digest"
 	"tvixfarm/executor"
 	"tvixfarm/executor/worker"
+	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
 	schedulerpb "tvixfarm/proto/tvixfarm/scheduler/v1"
 	workerpb "tvixfarm/proto/tvixfarm/worker/v1"
 	"tvixfarm/scheduler"
@@ -44,10 +45,29 @@ type cluster struct {
 	raft   map[string]string // id -> raft address
 	client map[string]string // id -> gRPC address
 	nodes  map[string]*testNode
+	// boot is how each node starts: bootAll (default), bootSolo or
+	// bootJoin.
+	boot map[string]bootMode
+	// net, if set, carries raft's traffic (see network).
+	net *network
 }
+
+// bootMode is how a node of a test cluster starts from an empty
+// directory.
+type bootMode int
+
+const (
+	// bootAll bootstraps a cluster of every node of the test cluster.
+	bootAll bootMode = iota
+	// bootSolo bootstraps a cluster of the node alone.
+	bootSolo
+	// bootJoin does not bootstrap: the node waits to be added.
+	bootJoin
+)
 
 type testNode struct {
 	n      *scheduler.Node
+	ex     *scheduler.Execution
 	srv    *grpc.Server
 	cancel context.CancelFunc
 	fwd    *scheduler.Forwarder
@@ -66,33 +86,54 @@ func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)
 
 // newCluster starts n nodes that bootstrap one cluster.
 func newCluster(t *testing.T, n int) *cluster {
-	c := &cluster{t: t, dir: t.TempDir(), raft: map[string]string{}, client: map[string]string{}, nodes: map[string]*testNode{},
-		stores: &blobstore.Instances{Default: blobstore.Stores{CAS: blobstore.NewMemory(blobstore.CAS, 1<<30), AC: blobstore.NewMemory(blobstore.AC, 1<<30)}}}
+	c := emptyCluster(t)
 	for i := range n {
-		id := fmt.Sprintf("node%d", i+1)
-		c.ids = append(c.ids, id)
-		c.raft[id], c.client[id] = freeAddr(t), freeAddr(t)
+		c.add(fmt.Sprintf("node%d", i+1), bootAll)
 	}
 	for _, id := range c.ids {
 		c.start(id)
 	}
+	c.waitLeader()
+	return c
+}
+
+// emptyCluster returns a cluster without nodes; add adds them.
+func emptyCluster(t *testing.T) *cluster {
+	c := &cluster{t: t, dir: t.TempDir(), raft: map[string]string{}, client: map[string]string{}, nodes: map[string]*testNode{},
+		boot:   map[string]bootMode{},
+		stores: &blobstore.Instances{Default: blobstore.Stores{CAS: blobstore.NewMemory(blobstore.CAS, 1<<30), AC: blobstore.NewMemory(blobstore.AC, 1<<30)}}}
 	t.Cleanup(func() {
 		for _, id := range c.ids {
 			c.stop(id)
 		}
 	})
-	c.waitLeader()
 	return c
+}
+
+// add gives node id its addresses; start starts it.
+func (c *cluster) add(id string, boot bootMode) {
+	c.ids = append(c.ids, id)
+	c.raft[id], c.client[id] = freeAddr(c.t), freeAddr(c.t)
+	c.boot[id] = boot
 }
 
 // start starts node id (again) from its directory.
 func (c *cluster) start(id string) {
 	var peers []scheduler.Peer
 	for _, p := range c.ids {
-		peers = append(peers, scheduler.Peer{ID: p, Raft: c.raft[p]})
+		if c.boot[p] == bootAll {
+			peers = append(peers, scheduler.Peer{ID: p, Raft: c.raft[p]})
+		}
 	}
-	n, err := scheduler.NewNode(scheduler.NodeConfig{ID: id, RaftAddr: c.raft[id], ClientAddr: c.client[id],
-		Dir: filepath.Join(c.dir, id), Bootstrap: true, Peers: peers, Logger: quiet()})
+	cfg := scheduler.NodeConfig{ID: id, RaftAddr: c.raft[id], ClientAddr: c.client[id],
+		Dir: filepath.Join(c.dir, id), Bootstrap: c.boot[id] != bootJoin, Peers: peers, Logger: quiet()}
+	if c.boot[id] == bootSolo {
+		cfg.Peers = nil
+	}
+	if c.net != nil {
+		cfg.RaftDial = c.net.dialer(id)
+	}
+	n, err := scheduler.NewNode(cfg)
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -105,6 +146,7 @@ func (c *cluster) start(id string) {
 	repb.RegisterExecutionServer(srv, ex)
 	longrunningpb.RegisterOperationsServer(srv, ex)
 	workerpb.RegisterWorkersServer(srv, ws)
+	adminpb.RegisterClusterServer(srv, scheduler.NewCluster(n, ws))
 	var lis net.Listener
 	for i := 0; ; i++ {
 		if lis, err = net.Listen("tcp", c.client[id]); err == nil || i > 50 {
@@ -116,7 +158,7 @@ func (c *cluster) start(id string) {
 		c.t.Fatal(err)
 	}
 	go srv.Serve(lis)
-	c.nodes[id] = &testNode{n: n, srv: srv, cancel: cancel, fwd: fwd}
+	c.nodes[id] = &testNode{n: n, ex: ex, srv: srv, cancel: cancel, fwd: fwd}
 }
 
 // stop kills node id abruptly: connections drop, raft shuts down.
@@ -134,16 +176,25 @@ func (c *cluster) stop(id string) {
 
 // waitLeader waits for a leader among the running nodes and returns it.
 func (c *cluster) waitLeader() string {
+	var ids []string
+	for id := range c.nodes {
+		ids = append(ids, id)
+	}
+	return c.waitLeaderAmong(ids...)
+}
+
+// waitLeaderAmong waits until one of the nodes ids leads and every one of
+// them knows it, with its client address (so they can forward to it).
+func (c *cluster) waitLeaderAmong(ids ...string) string {
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
-		for id, tn := range c.nodes {
-			if !tn.n.IsLeader() {
+		for _, id := range ids {
+			if tn := c.nodes[id]; tn == nil || !tn.n.IsLeader() {
 				continue
 			}
-			// Every running node can forward to it.
 			known := true
-			for _, o := range c.nodes {
-				if lid, addr := o.n.Leader(); lid != id || addr == "" {
+			for _, o := range ids {
+				if lid, addr := c.nodes[o].n.Leader(); lid != id || addr == "" {
 					known = false
 				}
 			}
@@ -153,16 +204,19 @@ func (c *cluster) waitLeader() string {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	c.t.Fatal("no leader within 20 s")
+	c.t.Fatalf("no leader among %v within 20 s", ids)
 	return ""
 }
 
 // conn connects to every node: pick_first moves to another node when the
 // one in use dies.
-func (c *cluster) conn() *grpc.ClientConn {
+func (c *cluster) conn() *grpc.ClientConn { return c.connTo(c.ids...) }
+
+// connTo connects to the nodes ids, the first one first.
+func (c *cluster) connTo(ids ...string) *grpc.ClientConn {
 	r := manual.NewBuilderWithScheme(fmt.Sprintf("tf%d", time.Now().UnixNano()))
 	var addrs []resolver.Address
-	for _, id := range c.ids {
+	for _, id := range ids {
 		addrs = append(addrs, resolver.Address{Addr: c.client[id]})
 	}
 	r.InitialState(resolver.State{Addresses: addrs})
@@ -239,7 +293,7 @@ func (r *runner) count(hash string) int {
 }
 
 // startWorker runs a worker until the returned function is called.
-func startWorker(conn *grpc.ClientConn, id string, r *runner) (stop func()) {
+func startWorker(conn *grpc.ClientConn, id string, r worker.Runner) (stop func()) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {

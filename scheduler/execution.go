@@ -166,17 +166,20 @@ func (e *Execution) WaitExecution(req *repb.WaitExecutionRequest, stream grpc.Se
 
 // follow streams the operation's stages until it completes. When the
 // client goes away first, its waiter is detached (which cancels the
-// operation if it asked for that and nobody else waits).
+// operation if it asked for that and nobody else waits). When this node
+// stops leading, the stream ends with UNAVAILABLE: the client resumes
+// with WaitExecution on the new leader.
 func (e *Execution) follow(ctx context.Context, stream grpc.ServerStreamingServer[longrunningpb.Operation], name, waiter string) error {
-	ch, stop := e.n.Watch(name)
-	defer stop()
+	w := e.n.Watch(name)
+	defer w.Stop()
+	lost := e.n.LeadershipLost()
 	var last schedulerpb.Stage
 	// Streams are resent every so often so proxies keep them open and
 	// clients see the operation is alive.
 	keepalive := time.NewTicker(30 * time.Second)
 	defer keepalive.Stop()
 	for {
-		op, ok := e.get(name)
+		op, ok := e.watched(w)
 		if !ok {
 			return status.Errorf(codes.NotFound, "operation %q not found", name)
 		}
@@ -191,14 +194,28 @@ func (e *Execution) follow(ctx context.Context, stream grpc.ServerStreamingServe
 			return nil
 		}
 		select {
-		case <-ch:
+		case <-w.C:
 		case <-keepalive.C:
 			last = schedulerpb.Stage_STAGE_UNSPECIFIED
+		case <-lost:
+			return status.Errorf(codes.Unavailable, "scheduler: %s is no longer the leader; resume with WaitExecution", e.n.ID())
 		case <-ctx.Done():
 			e.detach(waiter, name)
 			return status.FromContextError(ctx.Err()).Err()
 		}
 	}
+}
+
+// watched returns the operation w watches: from the state, or as it
+// completed if it was deleted and removed then.
+func (e *Execution) watched(w *Watch) (*longrunningpb.Operation, bool) {
+	if op, ok := e.get(w.op); ok {
+		return op, true
+	}
+	if final := w.Final(); final != nil {
+		return toOperation(final), true
+	}
+	return nil, false
 }
 
 func (e *Execution) detach(waiter, name string) {
@@ -339,10 +356,11 @@ func (e *Execution) WaitOperation(ctx context.Context, req *longrunningpb.WaitOp
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	ch, stop := e.n.Watch(req.Name)
-	defer stop()
+	w := e.n.Watch(req.Name)
+	defer w.Stop()
+	lost := e.n.LeadershipLost()
 	for {
-		op, ok := e.get(req.Name)
+		op, ok := e.watched(w)
 		if !ok {
 			return nil, status.Errorf(codes.NotFound, "operation %q not found", req.Name)
 		}
@@ -350,11 +368,33 @@ func (e *Execution) WaitOperation(ctx context.Context, req *longrunningpb.WaitOp
 			return op, nil
 		}
 		select {
-		case <-ch:
+		case <-w.C:
+		case <-lost:
+			return nil, status.Errorf(codes.Unavailable, "scheduler: %s is no longer the leader; retry", e.n.ID())
 		case <-ctx.Done():
 			return op, nil
 		}
 	}
+}
+
+// DeleteOperation says the client is no longer interested in an
+// operation; it does not cancel it (CancelOperation does). A completed
+// operation is removed at once, so GetOperation answers NOT_FOUND. A
+// queued or executing one runs on, its result is cached as usual, and
+// it is removed as soon as it completes; streams that follow it
+// (Execute, WaitExecution) still receive the result. Until then it is
+// listed and answered as before, and an Execute of the same action or a
+// WaitExecution of it undoes the delete. Unknown names are NOT_FOUND.
+func (e *Execution) DeleteOperation(ctx context.Context, req *longrunningpb.DeleteOperationRequest) (*emptypb.Empty, error) {
+	res, err := e.n.Apply(ctx, &schedulerpb.Command{Command: &schedulerpb.Command_Delete{Delete: &schedulerpb.Delete{
+		Operation: req.Name, TimeUnixNano: time.Now().UnixNano()}}})
+	if err != nil {
+		return nil, err
+	}
+	if res[0].Err != nil {
+		return nil, res[0].Err
+	}
+	return &emptypb.Empty{}, nil
 }
 
 // toOperation renders an operation for REAPI clients.

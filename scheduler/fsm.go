@@ -47,11 +47,15 @@ type fsm struct {
 	st      *state.State
 	members map[string]string // node id -> client address
 
+	// locked, if set, is called with every batch's response before the
+	// state's lock is released, so that what it records is visible no
+	// later than the change; it must be quick. onApply is called after.
+	locked  func(*state.Response)
 	onApply func(*state.Response)
 }
 
-func newFSM(cfg state.Config, onApply func(*state.Response)) *fsm {
-	return &fsm{st: state.New(cfg), members: make(map[string]string), onApply: onApply}
+func newFSM(cfg state.Config, locked, onApply func(*state.Response)) *fsm {
+	return &fsm{st: state.New(cfg), members: make(map[string]string), locked: locked, onApply: onApply}
 }
 
 // Apply applies one log entry. For a batch it returns the
@@ -69,6 +73,9 @@ func (f *fsm) Apply(l *raft.Log) any {
 		}
 		f.mu.Lock()
 		resp := f.st.Apply(&b)
+		if f.locked != nil {
+			f.locked(resp)
+		}
 		f.mu.Unlock()
 		if f.onApply != nil {
 			f.onApply(resp)
@@ -178,3 +185,10 @@ func (s *snapshot) Persist(sink raft.SnapshotSink) error {
 }
 
 func (s *snapshot) Release() {}
+
+// memberIDs returns the nodes whose client address is known.
+func (f *fsm) memberIDs() []string {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return slices.Sorted(maps.Keys(f.members))
+}

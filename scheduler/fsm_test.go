@@ -37,7 +37,7 @@ func entry(t *testing.T, typ byte, m any) *raft.Log {
 // TestFSMSnapshotRestore: a restored FSM has the same state and members,
 // and answers the next entries as the original does.
 func TestFSMSnapshotRestore(t *testing.T) {
-	a := newFSM(state.Config{}, nil)
+	a := newFSM(state.Config{}, nil, nil)
 	a.Apply(entry(t, entryMember, member{ID: "n1", Client: "127.0.0.1:1"}))
 	batch := &schedulerpb.Batch{Commands: []*schedulerpb.Command{
 		{Command: &schedulerpb.Command_RegisterWorker{RegisterWorker: &schedulerpb.RegisterWorker{Worker: "w", Slots: 1, TimeUnixNano: 1}}},
@@ -55,7 +55,7 @@ func TestFSMSnapshotRestore(t *testing.T) {
 	if err := snap.Persist(&s); err != nil {
 		t.Fatal(err)
 	}
-	b := newFSM(state.Config{}, nil)
+	b := newFSM(state.Config{}, nil, nil)
 	if err := b.Restore(io.NopCloser(bytes.NewReader(s.Bytes()))); err != nil {
 		t.Fatal(err)
 	}

@@ -53,7 +53,11 @@ type NodeConfig struct {
 	// SnapshotThreshold is the number of log entries between snapshots
 	// (default 8192).
 	SnapshotThreshold uint64
-	Logger            *slog.Logger
+	// RaftDial, if set, opens raft's connections to other nodes instead
+	// of plain TCP; raft still listens on RaftAddr. Tests route raft
+	// traffic through relays with it, to cut the network.
+	RaftDial func(address string, timeout time.Duration) (net.Conn, error)
+	Logger   *slog.Logger
 }
 
 // Node is one scheduler replica: a raft node whose FSM is the scheduler
@@ -73,8 +77,11 @@ type Node struct {
 	wg     sync.WaitGroup
 
 	mu       sync.Mutex
-	watchers map[string]map[chan struct{}]struct{}
+	watchers map[string]map[*Watch]struct{}
 	hooks    []func(*state.Response)
+	// leading is closed when this node's leadership ends; nil while it
+	// does not lead.
+	leading chan struct{}
 }
 
 // applyReq is a caller's commands waiting to be batched.
@@ -116,8 +123,8 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("scheduler: %w", err)
 	}
-	n := &Node{cfg: cfg, log: log, reqs: make(chan *applyReq, 1024), watchers: make(map[string]map[chan struct{}]struct{})}
-	n.fsm = newFSM(cfg.State, n.applied)
+	n := &Node{cfg: cfg, log: log, reqs: make(chan *applyReq, 1024), watchers: make(map[string]map[*Watch]struct{})}
+	n.fsm = newFSM(cfg.State, n.removed, n.applied)
 
 	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.Dir, "raft.db"))
 	if err != nil {
@@ -134,7 +141,12 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 		store.Close()
 		return nil, fmt.Errorf("scheduler: raft address %q: %w", cfg.RaftAddr, err)
 	}
-	trans, err := raft.NewTCPTransportWithLogger(cfg.RaftAddr, addr, 8, 10*time.Second, hclogger(log))
+	var trans *raft.NetworkTransport
+	if cfg.RaftDial == nil {
+		trans, err = raft.NewTCPTransportWithLogger(cfg.RaftAddr, addr, 8, 10*time.Second, hclogger(log))
+	} else {
+		trans, err = dialTransport(cfg.RaftAddr, cfg.RaftDial, hclogger(log))
+	}
 	if err != nil {
 		store.Close()
 		return nil, fmt.Errorf("scheduler: raft transport: %w", err)
@@ -153,6 +165,11 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	rc.CommitTimeout = 5 * time.Millisecond
 	rc.BatchApplyCh = true
 	rc.MaxAppendEntries = 256
+	// A removed node, the leader included, becomes an idle follower
+	// rather than shutting raft down under the Node: applies queued at
+	// that moment would never return (raft does not fail them), and the
+	// node could not be added back without a restart.
+	rc.ShutdownOnRemove = false
 
 	if cfg.Bootstrap {
 		has, err := raft.HasExistingState(store, store, snaps)
@@ -181,10 +198,31 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	}
 	n.raft = r
 	n.ctx, n.cancel = context.WithCancel(context.Background())
-	n.wg.Add(2)
+	n.wg.Add(3)
 	go n.batcher()
 	go n.announce()
+	go n.watchLeadership()
 	return n, nil
+}
+
+// dialStream is raft's stream layer with a custom dialer.
+type dialStream struct {
+	net.Listener
+	dial func(address string, timeout time.Duration) (net.Conn, error)
+}
+
+func (s *dialStream) Dial(address raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	return s.dial(string(address), timeout)
+}
+
+// dialTransport is raft's TCP transport, listening on addr, that dials
+// with dial.
+func dialTransport(addr string, dial func(string, time.Duration) (net.Conn, error), log hclog.Logger) (*raft.NetworkTransport, error) {
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return raft.NewNetworkTransportWithLogger(&dialStream{Listener: lis, dial: dial}, 8, 10*time.Second, log), nil
 }
 
 func (n *Node) closeStores() {
@@ -200,6 +238,7 @@ func (n *Node) Close() error {
 	n.cancel()
 	n.wg.Wait()
 	err := n.raft.Shutdown().Error()
+	n.updateLeading() // ends the streams that wait on it
 	n.trans.Close()
 	n.store.Close()
 	return err
@@ -224,8 +263,11 @@ func (n *Node) Leader() (id, client string) {
 type Stats struct {
 	ID, State, Leader string
 	Term              uint64
-	LastIndex         uint64
-	Members           []Member
+	// LastIndex is the index of the last entry of this node's log, and
+	// AppliedIndex of the last entry applied to its state.
+	LastIndex    uint64
+	AppliedIndex uint64
+	Members      []Member
 }
 
 // Member is a server of the raft configuration.
@@ -236,7 +278,7 @@ type Member struct {
 
 // Stats returns the node's view of the cluster.
 func (n *Node) Stats() Stats {
-	s := Stats{ID: n.cfg.ID, State: n.raft.State().String(), Term: n.term(), LastIndex: n.raft.LastIndex()}
+	s := Stats{ID: n.cfg.ID, State: n.raft.State().String(), Term: n.term(), LastIndex: n.raft.LastIndex(), AppliedIndex: n.raft.AppliedIndex()}
 	s.Leader, _ = n.Leader()
 	if f := n.raft.GetConfiguration(); f.Error() == nil {
 		for _, srv := range f.Configuration().Servers {
@@ -253,22 +295,70 @@ func (n *Node) term() uint64 {
 	return t
 }
 
-// AddVoter adds a node to the cluster (on the leader).
+// AddVoter adds a node to the cluster (on the leader). The node must
+// answer at raftAddr as id first: a voter that cannot be reached (a wrong
+// address, the gRPC port instead of raft's, a node that is down) would
+// take a quorum a one-node cluster cannot reach any more, for good.
 func (n *Node) AddVoter(id, raftAddr string) error {
+	if !n.IsLeader() {
+		return status.Error(codes.Unavailable, "scheduler: not the leader")
+	}
+	if err := n.probe(id, raftAddr); err != nil {
+		return status.Errorf(codes.FailedPrecondition, "scheduler: node %s at %s: %v (is it running, with raft on that address?)", id, raftAddr, err)
+	}
 	if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, n.cfg.ApplyTimeout).Error(); err != nil {
 		return raftError(err)
 	}
 	return nil
 }
 
-// RemoveServer removes a node from the cluster (on the leader).
+// probe asks the raft node at raftAddr, over raft's transport, who it
+// is. The request is a pre-vote for term 0, which changes nothing on the
+// node whatever its answer.
+func (n *Node) probe(id, raftAddr string) error {
+	req := &raft.RequestPreVoteRequest{RPCHeader: raft.RPCHeader{
+		ProtocolVersion: raft.ProtocolVersionMax,
+		ID:              []byte(n.cfg.ID),
+		Addr:            n.trans.EncodePeer(raft.ServerID(n.cfg.ID), n.trans.LocalAddr()),
+	}}
+	var resp raft.RequestPreVoteResponse
+	if err := n.trans.RequestPreVote(raft.ServerID(id), raft.ServerAddress(raftAddr), req, &resp); err != nil {
+		return err
+	}
+	if got := string(resp.ID); got != "" && got != id {
+		return fmt.Errorf("the raft node there is %q", got)
+	}
+	return nil
+}
+
+// RemoveServer removes a node from the cluster (on the leader). A leader
+// that removes itself steps down once the change is committed; the next
+// leader forgets its client address.
 func (n *Node) RemoveServer(id string) error {
+	f := n.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return raftError(err)
+	}
+	known := false
+	for _, s := range f.Configuration().Servers {
+		known = known || s.ID == raft.ServerID(id)
+	}
+	if !known {
+		return status.Errorf(codes.NotFound, "scheduler: %q is not a member", id)
+	}
 	if err := n.raft.RemoveServer(raft.ServerID(id), 0, n.cfg.ApplyTimeout).Error(); err != nil {
 		return raftError(err)
 	}
-	data, _ := json.Marshal(member{ID: id, Remove: true})
-	n.raft.Apply(append([]byte{entryMember}, data...), n.cfg.ApplyTimeout)
+	n.forget(id)
 	return nil
+}
+
+// forget removes a node's client address from the replicated state.
+func (n *Node) forget(id string) {
+	data, _ := json.Marshal(member{ID: id, Remove: true})
+	if err := n.raft.Apply(append([]byte{entryMember}, data...), n.cfg.ApplyTimeout).Error(); err != nil {
+		n.log.Debug("scheduler: cannot forget a removed member's address", "member", id, "err", err)
+	}
 }
 
 // WaitLeader waits until the cluster has a leader whose client address
@@ -289,7 +379,8 @@ func (n *Node) WaitLeader(ctx context.Context) error {
 }
 
 // announce records this node's client address in the replicated state
-// whenever it becomes leader (followers need it to forward calls).
+// whenever it becomes leader (followers need it to forward calls), and
+// forgets the addresses of nodes that are no longer members.
 func (n *Node) announce() {
 	defer n.wg.Done()
 	ch := make(chan raft.Observation, 16)
@@ -306,6 +397,17 @@ func (n *Node) announce() {
 			data, _ := json.Marshal(member{ID: n.cfg.ID, Client: n.cfg.ClientAddr})
 			if err := n.raft.Apply(append([]byte{entryMember}, data...), n.cfg.ApplyTimeout).Error(); err != nil {
 				n.log.Warn("scheduler: cannot record the client address", "err", err)
+			}
+		}
+		if f := n.raft.GetConfiguration(); n.IsLeader() && f.Error() == nil {
+			in := make(map[string]bool)
+			for _, s := range f.Configuration().Servers {
+				in[string(s.ID)] = true
+			}
+			for _, id := range n.fsm.memberIDs() {
+				if !in[id] {
+					n.forget(id)
+				}
 			}
 		}
 		select {
@@ -446,24 +548,122 @@ func raftError(err error) error {
 // follower the state may lag the leader's by a few entries.
 func (n *Node) Read(fn func(*state.State)) { n.fsm.read(fn) }
 
-// Watch returns a channel that receives a value whenever operation op
-// changes stage on this node's copy of the state, and a function that
-// stops the watch.
-func (n *Node) Watch(op string) (<-chan struct{}, func()) {
-	ch := make(chan struct{}, 1)
+// A Watch follows one operation on this node's copy of the state.
+type Watch struct {
+	// C receives a value whenever the operation changes stage.
+	C <-chan struct{}
+
+	n     *Node
+	op    string
+	ch    chan struct{}
+	final *schedulerpb.Operation // guarded by n.mu
+}
+
+// Watch starts watching operation op; call Stop when done.
+func (n *Node) Watch(op string) *Watch {
+	w := &Watch{n: n, op: op, ch: make(chan struct{}, 1)}
+	w.C = w.ch
 	n.mu.Lock()
 	if n.watchers[op] == nil {
-		n.watchers[op] = make(map[chan struct{}]struct{})
+		n.watchers[op] = make(map[*Watch]struct{})
 	}
-	n.watchers[op][ch] = struct{}{}
+	n.watchers[op][w] = struct{}{}
 	n.mu.Unlock()
-	return ch, func() {
+	return w
+}
+
+// Final returns the operation as it completed if it was removed then
+// (it had been deleted, see state.Completion.Deleted) while w watched
+// it: the state no longer has it, but its waiters still get the result.
+// Once the state no longer finds the operation, Final is set if it
+// ever will be.
+func (w *Watch) Final() *schedulerpb.Operation {
+	w.n.mu.Lock()
+	defer w.n.mu.Unlock()
+	return w.final
+}
+
+// Stop ends the watch.
+func (w *Watch) Stop() {
+	n := w.n
+	n.mu.Lock()
+	delete(n.watchers[w.op], w)
+	if len(n.watchers[w.op]) == 0 {
+		delete(n.watchers, w.op)
+	}
+	n.mu.Unlock()
+}
+
+// removed hands the final form of the operations a batch removed as they
+// completed to their watchers. It runs under the state's write lock, so
+// that a reader that no longer finds an operation finds its Final.
+func (n *Node) removed(resp *state.Response) {
+	for _, c := range resp.Completions {
+		if c.Deleted == nil {
+			continue
+		}
 		n.mu.Lock()
-		delete(n.watchers[op], ch)
-		if len(n.watchers[op]) == 0 {
-			delete(n.watchers, op)
+		for w := range n.watchers[c.Operation] {
+			w.final = c.Deleted
 		}
 		n.mu.Unlock()
+	}
+}
+
+// LeadershipLost returns a channel that is closed when this node stops
+// leading, or already closed if it does not lead. Streams served from
+// the leader's state end then: a former leader's state may stop
+// changing (it is cut off) and the clients must resume on the new one.
+func (n *Node) LeadershipLost() <-chan struct{} {
+	n.updateLeading()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.leading == nil {
+		return closed
+	}
+	return n.leading
+}
+
+var closed = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// updateLeading opens or closes n.leading after raft's state.
+func (n *Node) updateLeading() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	leader := n.IsLeader()
+	switch {
+	case leader && n.leading == nil:
+		n.leading = make(chan struct{})
+	case !leader && n.leading != nil:
+		close(n.leading)
+		n.leading = nil
+	}
+}
+
+// watchLeadership keeps n.leading up to date.
+func (n *Node) watchLeadership() {
+	defer n.wg.Done()
+	ch := make(chan raft.Observation, 16)
+	obs := raft.NewObserver(ch, false, func(o *raft.Observation) bool {
+		switch o.Data.(type) {
+		case raft.RaftState, raft.LeaderObservation:
+			return true
+		}
+		return false
+	})
+	n.raft.RegisterObserver(obs)
+	defer n.raft.DeregisterObserver(obs)
+	// Observations may be dropped: check every so often too.
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		n.updateLeading()
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-ch:
+		case <-t.C:
+		}
 	}
 }
 
@@ -481,9 +681,9 @@ func (n *Node) applied(resp *state.Response) {
 	n.mu.Lock()
 	hooks := n.hooks
 	wake := func(op string) {
-		for ch := range n.watchers[op] {
+		for w := range n.watchers[op] {
 			select {
-			case ch <- struct{}{}:
+			case w.ch <- struct{}{}:
 			default:
 			}
 		}

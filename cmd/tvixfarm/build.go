@@ -428,8 +428,9 @@ func (p *progress) clear() {
 
 func (p *progress) draw() {
 	c := p.last
-	s := fmt.Sprintf("[%d/%d built (%d cached), %d running, %d failed, %d present, %s]",
-		c.Built, c.Total, c.Cached, c.Running, c.Failed, c.Present, time.Since(p.start).Round(time.Second))
+	queued := c.Total - c.Built - c.Failed - c.Skipped - c.Running
+	s := fmt.Sprintf("[%d/%d built (%d cached), %d running, %d queued, %d failed, %d on the farm, %s]",
+		c.Built, c.Total, c.Cached, c.Running, queued, c.Failed, c.Present, time.Since(p.start).Round(time.Second))
 	for _, name := range p.running {
 		s += " building " + name
 		if len(p.running) > 1 {

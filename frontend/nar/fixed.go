@@ -196,6 +196,9 @@ func FixedHash(ctx context.Context, cas blobstore.BlobAccess, fn digest.Function
 // algorithm, and reports whether it is want. got is the hash in Nix's
 // usual form, "<algo>:<nix32>" (SRIString converts it for messages).
 func CheckFixed(ctx context.Context, cas blobstore.BlobAccess, fn digest.Function, n Node, mode string, want *nixhash.HashWithEncoding) (got string, ok bool, err error) {
+	if want == nil {
+		return "", false, errors.New("nar: no expected hash")
+	}
 	h, err := FixedHash(ctx, cas, fn, n, mode, want.Algo())
 	if err != nil {
 		return "", false, err

@@ -60,10 +60,10 @@ func outputHashCases() [][2]string {
 		[2]string{"", ""},
 		[2]string{":" + n32, "sha256"},
 		[2]string{"SHA256:" + n32, ""},
-		[2]string{"z" + n32[1:], "sha256"},      // Bits beyond 256.
-		[2]string{"e" + n32[1:], "sha256"},      // Not nix32.
-		[2]string{"sha256-" + n32 + "x", ""},    // SRI of the wrong size.
-		[2]string{"sha256-!!!!", ""},            // Not base64.
+		[2]string{"z" + n32[1:], "sha256"},   // Bits beyond 256.
+		[2]string{"e" + n32[1:], "sha256"},   // Not nix32.
+		[2]string{"sha256-" + n32 + "x", ""}, // SRI of the wrong size.
+		[2]string{"sha256-!!!!", ""},         // Not base64.
 		[2]string{"g" + hex.EncodeToString(s256[:])[1:], "sha256"},
 		[2]string{base64.StdEncoding.EncodeToString(s256[:])[:43] + "A", "sha256"}, // No padding, 44 chars.
 	)

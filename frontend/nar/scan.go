@@ -113,8 +113,9 @@ func (s *Scanner) Write(p []byte) (int, error) {
 func (s *Scanner) search(b []byte) {
 	n := len(b)
 	for i := 0; i+hashLen <= n; {
+		w := (*[hashLen]byte)(b[i:])
 		j := hashLen - 1
-		for j >= 0 && isNix32[b[i+j]] {
+		for j >= 0 && isNix32[w[j]] {
 			j--
 		}
 		if j >= 0 {
@@ -122,8 +123,9 @@ func (s *Scanner) search(b []byte) {
 			continue
 		}
 		// b[i:i+hashLen] is all nix32.
+		x := uint32(nix32Value[w[0]])<<5 | uint32(nix32Value[w[1]])
 		for {
-			x := uint32(nix32Value[b[i]])<<10 | uint32(nix32Value[b[i+1]])<<5 | uint32(nix32Value[b[i+2]])
+			x = (x<<5 | uint32(nix32Value[b[i+2]])) & (1<<15 - 1)
 			if s.filter[x/64]&(1<<(x%64)) != 0 {
 				if k, ok := s.index[string(b[i:i+hashLen])]; ok && !s.found[k] {
 					s.found[k] = true

@@ -50,6 +50,7 @@ func (s *State) submit(c *schedulerpb.Submit) Result {
 		s.tick(c.GetTimeUnixNano())
 		op.addWaiter(c.GetWaiter())
 		op.cancelOnDC = op.cancelOnDC && c.GetCancelOnDisconnect()
+		op.deleted = false // a client is interested again
 		if c.GetPriority() < op.priority {
 			if op.stage == schedulerpb.Stage_STAGE_QUEUED {
 				s.unqueue(op)
@@ -249,20 +250,28 @@ func (s *State) abort(op *operation, msg string) {
 	s.finish(op, nil, codes.Canceled, msg)
 }
 
-// finish completes op, which is neither queued nor leased any more.
+// finish completes op, which is neither queued nor leased any more. An
+// operation a Delete marked is removed at once.
 func (s *State) finish(op *operation, result []byte, code codes.Code, msg string) {
 	op.stage = schedulerpb.Stage_STAGE_COMPLETED
 	op.doneAt = s.clock
 	op.result, op.code, op.message = result, code, msg
 	delete(s.inFlight, op.key)
-	s.done = append(s.done, op) // the clock never goes back: still sorted
-	s.resp.Completions = append(s.resp.Completions, Completion{
+	c := Completion{
 		Operation: op.name,
 		Result:    result,
 		Code:      code,
 		Message:   msg,
 		Waiters:   slices.Clip(op.waiters), // never modified in place once completed
-	})
+	}
+	if op.deleted {
+		op.deleted = false
+		c.Deleted = op.proto()
+		delete(s.ops, op.name)
+	} else {
+		s.done = append(s.done, op) // the clock never goes back: still sorted
+	}
+	s.resp.Completions = append(s.resp.Completions, c)
 }
 
 func (s *State) attach(c *schedulerpb.Attach) Result {
@@ -278,6 +287,7 @@ func (s *State) attach(c *schedulerpb.Attach) Result {
 	}
 	s.tick(c.GetTimeUnixNano())
 	op.addWaiter(c.GetWaiter())
+	op.deleted = false // a client is interested again
 	return Result{Operation: op.name}
 }
 
@@ -322,4 +332,29 @@ func (s *State) compact(c *schedulerpb.Compact) Result {
 		delete(s.groups, key)
 	}
 	return Result{Removed: n}
+}
+
+// deleteOp removes a completed operation, and marks a queued or executing
+// one to be removed when it completes. It never cancels anything.
+func (s *State) deleteOp(c *schedulerpb.Delete) Result {
+	op := s.ops[c.GetOperation()]
+	if op == nil {
+		return unknownOp("delete", c.GetOperation())
+	}
+	s.tick(c.GetTimeUnixNano())
+	if op.stage != schedulerpb.Stage_STAGE_COMPLETED {
+		op.deleted = true
+		return Result{Operation: op.name}
+	}
+	// s.done is sorted by completion time: find op among those completed
+	// at the same time.
+	i, _ := slices.BinarySearchFunc(s.done, op.doneAt, func(o *operation, t int64) int { return cmp.Compare(o.doneAt, t) })
+	for i < len(s.done) && s.done[i] != op {
+		i++
+	}
+	if i < len(s.done) {
+		s.done = slices.Delete(s.done, i, i+1)
+	}
+	delete(s.ops, op.name)
+	return Result{Operation: op.name, Removed: 1}
 }

@@ -98,6 +98,10 @@ func detach(op, waiter string) *schedulerpb.Command {
 	return &schedulerpb.Command{Command: &schedulerpb.Command_Detach{Detach: &schedulerpb.Detach{Operation: op, Waiter: waiter, TimeUnixNano: 3}}}
 }
 
+func deleteCmd(op string, t int64) *schedulerpb.Command {
+	return &schedulerpb.Command{Command: &schedulerpb.Command_Delete{Delete: &schedulerpb.Delete{Operation: op, TimeUnixNano: t}}}
+}
+
 func compact(before int64) *schedulerpb.Command {
 	return &schedulerpb.Command{Command: &schedulerpb.Command_Compact{Compact: &schedulerpb.Compact{BeforeUnixNano: before}}}
 }
@@ -178,7 +182,7 @@ func format(r *Response) string {
 		fmt.Fprintf(&b, "cancel %+v\n", c)
 	}
 	for _, c := range r.Completions {
-		fmt.Fprintf(&b, "complete %s %q %v %q %v\n", c.Operation, c.Result, c.Code, c.Message, c.Waiters)
+		fmt.Fprintf(&b, "complete %s %q %v %q %v deleted=%v\n", c.Operation, c.Result, c.Code, c.Message, c.Waiters, c.Deleted != nil)
 	}
 	return b.String()
 }
@@ -223,8 +227,8 @@ func (s *State) check() error {
 				return fmt.Errorf("executing op %s on removed worker", name)
 			}
 		case schedulerpb.Stage_STAGE_COMPLETED:
-			if op.inv != nil || op.worker != nil {
-				return fmt.Errorf("completed op %s still queued or leased", name)
+			if op.inv != nil || op.worker != nil || op.deleted {
+				return fmt.Errorf("completed op %s still queued, leased or marked deleted", name)
 			}
 		}
 	}

@@ -112,6 +112,7 @@ func (op *operation) proto() *schedulerpb.Operation {
 		StartedUnixNano:    op.startedAt,
 		CompletedUnixNano:  op.doneAt,
 		Result:             op.result,
+		Deleted:            op.deleted,
 	}
 	if op.worker != nil {
 		p.Worker, p.Lease = op.worker.id, op.lease

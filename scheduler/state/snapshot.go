@@ -145,12 +145,15 @@ func (s *State) restoreOp(p *schedulerpb.Operation) error {
 		result:     p.GetResult(),
 		code:       codes.Code(p.GetStatus().GetCode()),
 		message:    p.GetStatus().GetMessage(),
+		deleted:    p.GetDeleted(),
 	}
 	switch {
 	case op.name == "" || s.ops[op.name] != nil:
 		return fmt.Errorf("empty or duplicate name")
 	case op.seq == 0 || op.seq >= s.nextSeq:
 		return fmt.Errorf("sequence %d out of range", op.seq)
+	case op.deleted && op.stage == schedulerpb.Stage_STAGE_COMPLETED:
+		return fmt.Errorf("completed and deleted")
 	}
 	if op.stage != schedulerpb.Stage_STAGE_COMPLETED {
 		if s.inFlight[op.key] != nil {

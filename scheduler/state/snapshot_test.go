@@ -234,8 +234,14 @@ func (g *gen) command() *schedulerpb.Command {
 		return cancel(g.pick(g.names))
 	case r < 89:
 		return attach(g.pick(g.names), fmt.Sprintf("c%d", g.rng.IntN(6)))
-	case r < 97:
+	case r < 95:
 		return detach(g.pick(g.names), fmt.Sprintf("c%d", g.rng.IntN(6)))
+	case r < 98:
+		// Often a recent operation, which may still be in flight.
+		if n := len(g.names); n > 0 && g.rng.IntN(2) == 0 {
+			return deleteCmd(g.names[n-1-g.rng.IntN(min(n, 5))], g.time)
+		}
+		return deleteCmd(g.pick(g.names), g.time)
 	default:
 		return compact(g.time - int64(g.rng.IntN(20)))
 	}
@@ -299,6 +305,9 @@ func TestDeterminism(t *testing.T) {
 					if c.Code == codes.Unavailable {
 						stats["retry cap"]++
 					}
+					if c.Deleted != nil {
+						stats["deleted on completion"]++
+					}
 				}
 				for _, a := range ra.Assignments {
 					if a.Attempt > 1 {
@@ -313,6 +322,8 @@ func TestDeterminism(t *testing.T) {
 						stats["dedup"]++
 					case res.Stale:
 						stats["stale"]++
+					case res.Removed > 0:
+						stats["removed"]++
 					}
 				}
 				if i%50 == 49 {
@@ -322,7 +333,7 @@ func TestDeterminism(t *testing.T) {
 					}
 				}
 			}
-			for _, k := range []string{"assign", "complete", "cancel", "rejected", "dedup", "stale", "retry", "retry cap"} {
+			for _, k := range []string{"assign", "complete", "cancel", "rejected", "dedup", "stale", "retry", "retry cap", "removed", "deleted on completion"} {
 				if stats[k] == 0 {
 					t.Errorf("the random run had no %s: %v", k, stats)
 				}

@@ -160,7 +160,8 @@ type Result struct {
 	Stale bool
 	// Cancelled is set when a Detach cancelled the operation.
 	Cancelled bool
-	// Removed is the number of operations a Compact removed.
+	// Removed is the number of operations a Compact or a Delete removed
+	// (a Delete of a queued or executing operation removes nothing yet).
 	Removed int
 }
 
@@ -201,6 +202,10 @@ type Completion struct {
 	Message string
 	// Waiters were waiting for it.
 	Waiters []string
+	// Deleted is set when the operation was removed as it completed,
+	// because a Delete marked it: its final form, which queries no longer
+	// return.
+	Deleted *schedulerpb.Operation
 }
 
 // actionKey identifies an action for deduplication.
@@ -230,6 +235,7 @@ type operation struct {
 	result     []byte
 	code       codes.Code
 	message    string
+	deleted    bool // removed when it completes (Delete)
 
 	// While queued.
 	inv *invQueue
@@ -336,6 +342,8 @@ func (s *State) apply(c *schedulerpb.Command) Result {
 		return s.detach(c.Detach)
 	case *schedulerpb.Command_Compact:
 		return s.compact(c.Compact)
+	case *schedulerpb.Command_Delete:
+		return s.deleteOp(c.Delete)
 	}
 	return invalid("empty or unknown command")
 }

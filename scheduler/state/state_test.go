@@ -710,3 +710,79 @@ func TestTimeIsMonotonic(t *testing.T) {
 		t.Fatalf("queued at %d, want the clock 100", op.QueuedUnixNano)
 	}
 }
+
+func TestDelete(t *testing.T) {
+	s := New(Config{})
+	r := apply(t, s, register("w", 1), sub{name: "run"}.cmd(), sub{name: "wait"}.cmd(), sub{name: "keep"}.cmd())
+	lease := r.Assignments[0].Lease
+	// Unknown: NOT_FOUND, nothing changes.
+	r = applyAny(t, s, deleteCmd("nope", 2))
+	if status.Code(r.Results[0].Err) != codes.NotFound {
+		t.Fatalf("delete of an unknown operation: %v", r.Results[0].Err)
+	}
+	// Executing and queued: marked, neither cancelled nor removed.
+	r = apply(t, s, deleteCmd("run", 2), deleteCmd("wait", 2))
+	if len(r.Cancellations) != 0 || len(r.Completions) != 0 || r.Results[0].Removed != 0 {
+		t.Fatalf("delete of running operations: %+v", r)
+	}
+	if op := mustOp(t, s, "run"); op.Stage != schedulerpb.Stage_STAGE_EXECUTING || !op.Deleted {
+		t.Fatalf("run: %v", op)
+	}
+	// A snapshot keeps the mark.
+	c := restored(t, s, New(Config{}))
+	if op := mustOp(t, c, "wait"); !op.Deleted {
+		t.Fatalf("restored: %v", op)
+	}
+	// It completes: its waiters get the result, and it is gone.
+	r = apply(t, s, complete("run", "w", lease, 5))
+	if len(r.Completions) != 1 || r.Completions[0].Deleted == nil || !slices.Equal(r.Completions[0].Waiters, []string{"w-run"}) ||
+		r.Completions[0].Deleted.Stage != schedulerpb.Stage_STAGE_COMPLETED || string(r.Completions[0].Deleted.Result) != "result-run" {
+		t.Fatalf("completion of a deleted operation: %+v", r.Completions)
+	}
+	if _, ok := s.Operation("run"); ok {
+		t.Fatal("a deleted operation is still there after it completed")
+	}
+	if got := assignedOps(r); !slices.Equal(got, []string{"wait"}) {
+		t.Fatalf("assignments %v", got)
+	}
+	// A client that joins a deleted operation undoes the delete.
+	lease = r.Assignments[0].Lease
+	r = apply(t, s, sub{name: "wait2", hash: "h-wait", waiter: "again"}.cmd())
+	if !r.Results[0].Deduplicated || mustOp(t, s, "wait").Deleted {
+		t.Fatalf("join: %+v %v", r.Results[0], mustOp(t, s, "wait"))
+	}
+	apply(t, s, deleteCmd("wait", 6), attach("wait", "waiter"))
+	if mustOp(t, s, "wait").Deleted {
+		t.Fatal("attach did not undo the delete")
+	}
+	r = apply(t, s, complete("wait", "w", lease, 7))
+	if r.Completions[0].Deleted != nil {
+		t.Fatal("an undeleted operation was removed")
+	}
+	// Completed: removed at once, from the completed list too.
+	r = apply(t, s, deleteCmd("wait", 8))
+	if r.Results[0].Removed != 1 {
+		t.Fatalf("delete of a completed operation: %+v", r.Results[0])
+	}
+	if _, ok := s.Operation("wait"); ok {
+		t.Fatal("a deleted completed operation is still there")
+	}
+	r = applyAny(t, s, deleteCmd("wait", 9))
+	if status.Code(r.Results[0].Err) != codes.NotFound {
+		t.Fatalf("second delete: %v", r.Results[0].Err)
+	}
+	// Cancelled after the delete: removed when cancelled.
+	apply(t, s, deleteCmd("keep", 10))
+	r = apply(t, s, cancel("keep"))
+	if len(r.Completions) != 1 || r.Completions[0].Deleted == nil || r.Completions[0].Code != codes.Canceled {
+		t.Fatalf("cancel of a deleted operation: %+v", r.Completions)
+	}
+	if n := len(s.Operations(schedulerpb.Stage_STAGE_UNSPECIFIED)); n != 0 {
+		t.Fatalf("%d operations left", n)
+	}
+	// Compaction after deletes.
+	r = apply(t, s, compact(100))
+	if r.Results[0].Removed != 0 {
+		t.Fatalf("compact removed %d", r.Results[0].Removed)
+	}
+}

@@ -143,6 +143,7 @@ type Command struct {
 	//	*Command_Attach
 	//	*Command_Detach
 	//	*Command_Compact
+	//	*Command_Delete
 	Command       isCommand_Command `protobuf_oneof:"command"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -275,6 +276,15 @@ func (x *Command) GetCompact() *Compact {
 	return nil
 }
 
+func (x *Command) GetDelete() *Delete {
+	if x != nil {
+		if x, ok := x.Command.(*Command_Delete); ok {
+			return x.Delete
+		}
+	}
+	return nil
+}
+
 type isCommand_Command interface {
 	isCommand_Command()
 }
@@ -319,6 +329,10 @@ type Command_Compact struct {
 	Compact *Compact `protobuf:"bytes,10,opt,name=compact,proto3,oneof"`
 }
 
+type Command_Delete struct {
+	Delete *Delete `protobuf:"bytes,11,opt,name=delete,proto3,oneof"`
+}
+
 func (*Command_Submit) isCommand_Command() {}
 
 func (*Command_RegisterWorker) isCommand_Command() {}
@@ -338,6 +352,8 @@ func (*Command_Attach) isCommand_Command() {}
 func (*Command_Detach) isCommand_Command() {}
 
 func (*Command_Compact) isCommand_Command() {}
+
+func (*Command_Delete) isCommand_Command() {}
 
 // Property is a platform property, as in the REAPI Platform message.
 type Property struct {
@@ -1213,6 +1229,63 @@ func (x *Compact) GetBeforeUnixNano() int64 {
 	return 0
 }
 
+// Delete says that clients are no longer interested in an operation
+// (google.longrunning DeleteOperation); it never cancels it. A completed
+// operation is removed. A queued or executing one runs on and is removed
+// when it completes (its waiters still get the result), unless a Submit
+// joins it or an Attach waits for it first, which undoes the Delete.
+type Delete struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Operation     string                 `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	TimeUnixNano  int64                  `protobuf:"varint,2,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Delete) Reset() {
+	*x = Delete{}
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Delete) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Delete) ProtoMessage() {}
+
+func (x *Delete) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Delete.ProtoReflect.Descriptor instead.
+func (*Delete) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *Delete) GetOperation() string {
+	if x != nil {
+		return x.Operation
+	}
+	return ""
+}
+
+func (x *Delete) GetTimeUnixNano() int64 {
+	if x != nil {
+		return x.TimeUnixNano
+	}
+	return 0
+}
+
 // Operation is one operation: in snapshots and in query answers.
 type Operation struct {
 	state          protoimpl.MessageState `protogen:"open.v1"`
@@ -1243,14 +1316,17 @@ type Operation struct {
 	// returned one.
 	Result []byte `protobuf:"bytes,18,opt,name=result,proto3" json:"result,omitempty"`
 	// The error of a completed operation that has no result.
-	Status        *Status `protobuf:"bytes,19,opt,name=status,proto3" json:"status,omitempty"`
+	Status *Status `protobuf:"bytes,19,opt,name=status,proto3" json:"status,omitempty"`
+	// Set on a queued or executing operation that a Delete marked: it is
+	// removed when it completes.
+	Deleted       bool `protobuf:"varint,20,opt,name=deleted,proto3" json:"deleted,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Operation) Reset() {
 	*x = Operation{}
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[15]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1262,7 +1338,7 @@ func (x *Operation) String() string {
 func (*Operation) ProtoMessage() {}
 
 func (x *Operation) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[15]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1275,7 +1351,7 @@ func (x *Operation) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Operation.ProtoReflect.Descriptor instead.
 func (*Operation) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{15}
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Operation) GetName() string {
@@ -1411,6 +1487,13 @@ func (x *Operation) GetStatus() *Status {
 	return nil
 }
 
+func (x *Operation) GetDeleted() bool {
+	if x != nil {
+		return x.Deleted
+	}
+	return false
+}
+
 // Worker is one registered worker: in snapshots and in query answers.
 type Worker struct {
 	state              protoimpl.MessageState `protogen:"open.v1"`
@@ -1428,7 +1511,7 @@ type Worker struct {
 
 func (x *Worker) Reset() {
 	*x = Worker{}
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[16]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1440,7 +1523,7 @@ func (x *Worker) String() string {
 func (*Worker) ProtoMessage() {}
 
 func (x *Worker) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[16]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1453,7 +1536,7 @@ func (x *Worker) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Worker.ProtoReflect.Descriptor instead.
 func (*Worker) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{16}
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Worker) GetId() string {
@@ -1517,7 +1600,7 @@ type LevelState struct {
 
 func (x *LevelState) Reset() {
 	*x = LevelState{}
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[17]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1529,7 +1612,7 @@ func (x *LevelState) String() string {
 func (*LevelState) ProtoMessage() {}
 
 func (x *LevelState) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[17]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1542,7 +1625,7 @@ func (x *LevelState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LevelState.ProtoReflect.Descriptor instead.
 func (*LevelState) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{17}
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *LevelState) GetPlatformKey() string {
@@ -1585,7 +1668,7 @@ type InvocationState struct {
 
 func (x *InvocationState) Reset() {
 	*x = InvocationState{}
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1597,7 +1680,7 @@ func (x *InvocationState) String() string {
 func (*InvocationState) ProtoMessage() {}
 
 func (x *InvocationState) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[18]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1610,7 +1693,7 @@ func (x *InvocationState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use InvocationState.ProtoReflect.Descriptor instead.
 func (*InvocationState) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{18}
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *InvocationState) GetInvocationId() string {
@@ -1649,7 +1732,7 @@ type Snapshot struct {
 
 func (x *Snapshot) Reset() {
 	*x = Snapshot{}
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[19]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1661,7 +1744,7 @@ func (x *Snapshot) String() string {
 func (*Snapshot) ProtoMessage() {}
 
 func (x *Snapshot) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[19]
+	mi := &file_tvixfarm_scheduler_v1_state_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1674,7 +1757,7 @@ func (x *Snapshot) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Snapshot.ProtoReflect.Descriptor instead.
 func (*Snapshot) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{19}
+	return file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *Snapshot) GetVersion() uint32 {
@@ -1732,7 +1815,7 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\n" +
 	"!tvixfarm/scheduler/v1/state.proto\x12\x15tvixfarm.scheduler.v1\"C\n" +
 	"\x05Batch\x12:\n" +
-	"\bcommands\x18\x01 \x03(\v2\x1e.tvixfarm.scheduler.v1.CommandR\bcommands\"\xfa\x04\n" +
+	"\bcommands\x18\x01 \x03(\v2\x1e.tvixfarm.scheduler.v1.CommandR\bcommands\"\xb3\x05\n" +
 	"\aCommand\x127\n" +
 	"\x06submit\x18\x01 \x01(\v2\x1d.tvixfarm.scheduler.v1.SubmitH\x00R\x06submit\x12P\n" +
 	"\x0fregister_worker\x18\x02 \x01(\v2%.tvixfarm.scheduler.v1.RegisterWorkerH\x00R\x0eregisterWorker\x12J\n" +
@@ -1744,7 +1827,8 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\x06attach\x18\b \x01(\v2\x1d.tvixfarm.scheduler.v1.AttachH\x00R\x06attach\x127\n" +
 	"\x06detach\x18\t \x01(\v2\x1d.tvixfarm.scheduler.v1.DetachH\x00R\x06detach\x12:\n" +
 	"\acompact\x18\n" +
-	" \x01(\v2\x1e.tvixfarm.scheduler.v1.CompactH\x00R\acompactB\t\n" +
+	" \x01(\v2\x1e.tvixfarm.scheduler.v1.CompactH\x00R\acompact\x127\n" +
+	"\x06delete\x18\v \x01(\v2\x1d.tvixfarm.scheduler.v1.DeleteH\x00R\x06deleteB\t\n" +
 	"\acommand\"4\n" +
 	"\bProperty\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
@@ -1805,7 +1889,10 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\x06waiter\x18\x02 \x01(\tR\x06waiter\x12$\n" +
 	"\x0etime_unix_nano\x18\x03 \x01(\x03R\ftimeUnixNano\"3\n" +
 	"\aCompact\x12(\n" +
-	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"\xea\x05\n" +
+	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"L\n" +
+	"\x06Delete\x12\x1c\n" +
+	"\toperation\x18\x01 \x01(\tR\toperation\x12$\n" +
+	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\"\x84\x06\n" +
 	"\tOperation\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x122\n" +
 	"\x05stage\x18\x02 \x01(\x0e2\x1c.tvixfarm.scheduler.v1.StageR\x05stage\x12#\n" +
@@ -1826,7 +1913,8 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\x11started_unix_nano\x18\x10 \x01(\x03R\x0fstartedUnixNano\x12.\n" +
 	"\x13completed_unix_nano\x18\x11 \x01(\x03R\x11completedUnixNano\x12\x16\n" +
 	"\x06result\x18\x12 \x01(\fR\x06result\x125\n" +
-	"\x06status\x18\x13 \x01(\v2\x1d.tvixfarm.scheduler.v1.StatusR\x06status\"\xd1\x01\n" +
+	"\x06status\x18\x13 \x01(\v2\x1d.tvixfarm.scheduler.v1.StatusR\x06status\x12\x18\n" +
+	"\adeleted\x18\x14 \x01(\bR\adeleted\"\xd1\x01\n" +
 	"\x06Worker\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
 	"\bplatform\x18\x02 \x03(\v2\x1f.tvixfarm.scheduler.v1.PropertyR\bplatform\x12\x14\n" +
@@ -1875,7 +1963,7 @@ func file_tvixfarm_scheduler_v1_state_proto_rawDescGZIP() []byte {
 }
 
 var file_tvixfarm_scheduler_v1_state_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_tvixfarm_scheduler_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_tvixfarm_scheduler_v1_state_proto_msgTypes = make([]protoimpl.MessageInfo, 21)
 var file_tvixfarm_scheduler_v1_state_proto_goTypes = []any{
 	(Stage)(0),              // 0: tvixfarm.scheduler.v1.Stage
 	(*Batch)(nil),           // 1: tvixfarm.scheduler.v1.Batch
@@ -1893,11 +1981,12 @@ var file_tvixfarm_scheduler_v1_state_proto_goTypes = []any{
 	(*Attach)(nil),          // 13: tvixfarm.scheduler.v1.Attach
 	(*Detach)(nil),          // 14: tvixfarm.scheduler.v1.Detach
 	(*Compact)(nil),         // 15: tvixfarm.scheduler.v1.Compact
-	(*Operation)(nil),       // 16: tvixfarm.scheduler.v1.Operation
-	(*Worker)(nil),          // 17: tvixfarm.scheduler.v1.Worker
-	(*LevelState)(nil),      // 18: tvixfarm.scheduler.v1.LevelState
-	(*InvocationState)(nil), // 19: tvixfarm.scheduler.v1.InvocationState
-	(*Snapshot)(nil),        // 20: tvixfarm.scheduler.v1.Snapshot
+	(*Delete)(nil),          // 16: tvixfarm.scheduler.v1.Delete
+	(*Operation)(nil),       // 17: tvixfarm.scheduler.v1.Operation
+	(*Worker)(nil),          // 18: tvixfarm.scheduler.v1.Worker
+	(*LevelState)(nil),      // 19: tvixfarm.scheduler.v1.LevelState
+	(*InvocationState)(nil), // 20: tvixfarm.scheduler.v1.InvocationState
+	(*Snapshot)(nil),        // 21: tvixfarm.scheduler.v1.Snapshot
 }
 var file_tvixfarm_scheduler_v1_state_proto_depIdxs = []int32{
 	2,  // 0: tvixfarm.scheduler.v1.Batch.commands:type_name -> tvixfarm.scheduler.v1.Command
@@ -1911,24 +2000,25 @@ var file_tvixfarm_scheduler_v1_state_proto_depIdxs = []int32{
 	13, // 8: tvixfarm.scheduler.v1.Command.attach:type_name -> tvixfarm.scheduler.v1.Attach
 	14, // 9: tvixfarm.scheduler.v1.Command.detach:type_name -> tvixfarm.scheduler.v1.Detach
 	15, // 10: tvixfarm.scheduler.v1.Command.compact:type_name -> tvixfarm.scheduler.v1.Compact
-	4,  // 11: tvixfarm.scheduler.v1.Submit.action_digest:type_name -> tvixfarm.scheduler.v1.Digest
-	3,  // 12: tvixfarm.scheduler.v1.Submit.platform:type_name -> tvixfarm.scheduler.v1.Property
-	3,  // 13: tvixfarm.scheduler.v1.RegisterWorker.platform:type_name -> tvixfarm.scheduler.v1.Property
-	5,  // 14: tvixfarm.scheduler.v1.Fail.status:type_name -> tvixfarm.scheduler.v1.Status
-	0,  // 15: tvixfarm.scheduler.v1.Operation.stage:type_name -> tvixfarm.scheduler.v1.Stage
-	4,  // 16: tvixfarm.scheduler.v1.Operation.action_digest:type_name -> tvixfarm.scheduler.v1.Digest
-	3,  // 17: tvixfarm.scheduler.v1.Operation.platform:type_name -> tvixfarm.scheduler.v1.Property
-	5,  // 18: tvixfarm.scheduler.v1.Operation.status:type_name -> tvixfarm.scheduler.v1.Status
-	3,  // 19: tvixfarm.scheduler.v1.Worker.platform:type_name -> tvixfarm.scheduler.v1.Property
-	19, // 20: tvixfarm.scheduler.v1.LevelState.invocations:type_name -> tvixfarm.scheduler.v1.InvocationState
-	17, // 21: tvixfarm.scheduler.v1.Snapshot.workers:type_name -> tvixfarm.scheduler.v1.Worker
-	16, // 22: tvixfarm.scheduler.v1.Snapshot.operations:type_name -> tvixfarm.scheduler.v1.Operation
-	18, // 23: tvixfarm.scheduler.v1.Snapshot.levels:type_name -> tvixfarm.scheduler.v1.LevelState
-	24, // [24:24] is the sub-list for method output_type
-	24, // [24:24] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	16, // 11: tvixfarm.scheduler.v1.Command.delete:type_name -> tvixfarm.scheduler.v1.Delete
+	4,  // 12: tvixfarm.scheduler.v1.Submit.action_digest:type_name -> tvixfarm.scheduler.v1.Digest
+	3,  // 13: tvixfarm.scheduler.v1.Submit.platform:type_name -> tvixfarm.scheduler.v1.Property
+	3,  // 14: tvixfarm.scheduler.v1.RegisterWorker.platform:type_name -> tvixfarm.scheduler.v1.Property
+	5,  // 15: tvixfarm.scheduler.v1.Fail.status:type_name -> tvixfarm.scheduler.v1.Status
+	0,  // 16: tvixfarm.scheduler.v1.Operation.stage:type_name -> tvixfarm.scheduler.v1.Stage
+	4,  // 17: tvixfarm.scheduler.v1.Operation.action_digest:type_name -> tvixfarm.scheduler.v1.Digest
+	3,  // 18: tvixfarm.scheduler.v1.Operation.platform:type_name -> tvixfarm.scheduler.v1.Property
+	5,  // 19: tvixfarm.scheduler.v1.Operation.status:type_name -> tvixfarm.scheduler.v1.Status
+	3,  // 20: tvixfarm.scheduler.v1.Worker.platform:type_name -> tvixfarm.scheduler.v1.Property
+	20, // 21: tvixfarm.scheduler.v1.LevelState.invocations:type_name -> tvixfarm.scheduler.v1.InvocationState
+	18, // 22: tvixfarm.scheduler.v1.Snapshot.workers:type_name -> tvixfarm.scheduler.v1.Worker
+	17, // 23: tvixfarm.scheduler.v1.Snapshot.operations:type_name -> tvixfarm.scheduler.v1.Operation
+	19, // 24: tvixfarm.scheduler.v1.Snapshot.levels:type_name -> tvixfarm.scheduler.v1.LevelState
+	25, // [25:25] is the sub-list for method output_type
+	25, // [25:25] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_tvixfarm_scheduler_v1_state_proto_init() }
@@ -1947,6 +2037,7 @@ func file_tvixfarm_scheduler_v1_state_proto_init() {
 		(*Command_Attach)(nil),
 		(*Command_Detach)(nil),
 		(*Command_Compact)(nil),
+		(*Command_Delete)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1954,7 +2045,7 @@ func file_tvixfarm_scheduler_v1_state_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tvixfarm_scheduler_v1_state_proto_rawDesc), len(file_tvixfarm_scheduler_v1_state_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   21,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
