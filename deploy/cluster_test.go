@@ -7,6 +7,8 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -45,15 +47,39 @@ func TestLocalCluster(t *testing.T) {
 	if err != nil {
 		t.Fatalf("up: %v\n%s", err, out)
 	}
-	client := ""
+	client, cacheURL := "", ""
 	sc := bufio.NewScanner(strings.NewReader(out))
 	for sc.Scan() {
 		if a, ok := strings.CutPrefix(sc.Text(), "client: "); ok {
 			client = a
 		}
+		if a, ok := strings.CutPrefix(sc.Text(), "binary cache: "); ok {
+			cacheURL = a
+		}
 	}
-	if client == "" {
-		t.Fatalf("no client line in:\n%s", out)
+	if client == "" || cacheURL == "" {
+		t.Fatalf("no client or binary cache line in:\n%s", out)
+	}
+	// The binary cache of a scheduler node (which reads the storage
+	// node's store through its proxy) and of the storage node.
+	for _, u := range []string{cacheURL, "http://127.0.0.10:8981"} {
+		resp, err := http.Get(u + "/nix-cache-info")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 200 || !strings.Contains(string(body), "StoreDir: /nix/store") {
+			t.Errorf("%s/nix-cache-info: %s %q", u, resp.Status, body)
+		}
+		resp, err = http.Get(u + "/00000000000000000000000000000000.narinfo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 404 {
+			t.Errorf("%s: unknown narinfo: %s", u, resp.Status)
+		}
 	}
 	farmctl := func(args ...string) string {
 		t.Helper()
@@ -75,6 +101,11 @@ func TestLocalCluster(t *testing.T) {
 	}
 	if len(st.Cluster.Members) != 3 || len(st.Cluster.Workers) != 2 || st.Cluster.Leader == "" {
 		t.Fatalf("status: %+v", st.Cluster)
+	}
+	for _, m := range st.Cluster.Members {
+		if !strings.HasSuffix(m.Raft, ":8982") {
+			t.Errorf("member %s: raft address %s, want port 8982", m.Id, m.Raft)
+		}
 	}
 	farmctl("bench", "exec", "--actions", "300")
 	farmctl("drain", "exec1")

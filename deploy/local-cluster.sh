@@ -1,10 +1,12 @@
 #!/bin/sh
 # local-cluster.sh up|down|status: a tvixfarm cluster on one machine, as
 # separate processes on 127.0.0.x loopback addresses:
-#   storage     127.0.0.10:8980
-#   scheduler   node1..node3 at 127.0.0.11..13:8980 (raft on :8981), one raft cluster
+#   storage     127.0.0.10:8980 (Nix binary cache on :8981)
+#   scheduler   node1..node3 at 127.0.0.11..13:8980 (Nix binary cache on :8981,
+#               raft on :8982), one raft cluster
 #   executors   exec1, exec2 at 127.0.0.21..22:8980, connected to node1 and node2
-# `up` prints the address for clients on a line of its own: "client: HOST:PORT".
+# `up` prints the address for clients on a line of its own: "client: HOST:PORT",
+# and the binary cache's URL: "binary cache: http://HOST:PORT".
 # `down` stops the processes by the PIDs `up` recorded.
 #
 # Environment:
@@ -46,21 +48,21 @@ up() {
 	mkdir -p "$dir"
 	peers=""
 	for n in $nodes; do
-		peers="$peers    - {id: ${n%%:*}, raft: \"${n#*:}:8981\"}
+		peers="$peers    - {id: ${n%%:*}, raft: \"${n#*:}:8982\"}
 "
 	done
-	start storage storage "$storage" /dev/null
+	start storage storage "$storage" /dev/null --http-listen "${storage%:*}:8981"
 	for n in $nodes; do
 		id=${n%%:*} host=${n#*:}
 		cat >"$dir/$id.yaml" <<YAML
 scheduler:
   node_id: $id
-  raft_listen: "$host:8981"
+  raft_listen: "$host:8982"
   storage: "$storage"
   peers:
 $peers
 YAML
-		start "$id" scheduler "$host:8980" "$dir/$id.yaml"
+		start "$id" scheduler "$host:8980" "$dir/$id.yaml" --http-listen "$host:8981"
 	done
 	for e in $executors; do
 		id=${e%%:*} rest=${e#*:}
@@ -104,6 +106,7 @@ YAML
 	done
 	echo "nodes: 127.0.0.11:8980 127.0.0.12:8980 127.0.0.13:8980"
 	echo "client: $client"
+	echo "binary cache: http://${client%:*}:8981"
 }
 
 down() {

@@ -264,7 +264,8 @@ type Stats struct {
 	ID, State, Leader string
 	Term              uint64
 	// LastIndex is the index of the last entry of this node's log, and
-	// AppliedIndex of the last entry applied to its state.
+	// AppliedIndex of the last one raft has handed to the state machine
+	// (which may not have applied it yet).
 	LastIndex    uint64
 	AppliedIndex uint64
 	Members      []Member
@@ -304,7 +305,7 @@ func (n *Node) AddVoter(id, raftAddr string) error {
 		return status.Error(codes.Unavailable, "scheduler: not the leader")
 	}
 	if err := n.probe(id, raftAddr); err != nil {
-		return status.Errorf(codes.FailedPrecondition, "scheduler: node %s at %s: %v (is it running, with raft on that address?)", id, raftAddr, err)
+		return status.Errorf(codes.FailedPrecondition, "scheduler: not adding %s: %v", id, err)
 	}
 	if err := n.raft.AddVoter(raft.ServerID(id), raft.ServerAddress(raftAddr), 0, n.cfg.ApplyTimeout).Error(); err != nil {
 		return raftError(err)
@@ -323,10 +324,10 @@ func (n *Node) probe(id, raftAddr string) error {
 	}}
 	var resp raft.RequestPreVoteResponse
 	if err := n.trans.RequestPreVote(raft.ServerID(id), raft.ServerAddress(raftAddr), req, &resp); err != nil {
-		return err
+		return fmt.Errorf("no raft node answers at %s (is it running, with raft on that address?): %v", raftAddr, err)
 	}
 	if got := string(resp.ID); got != "" && got != id {
-		return fmt.Errorf("the raft node there is %q", got)
+		return fmt.Errorf("the raft node at %s is %q", raftAddr, got)
 	}
 	return nil
 }
@@ -399,14 +400,17 @@ func (n *Node) announce() {
 				n.log.Warn("scheduler: cannot record the client address", "err", err)
 			}
 		}
-		if f := n.raft.GetConfiguration(); n.IsLeader() && f.Error() == nil {
-			in := make(map[string]bool)
-			for _, s := range f.Configuration().Servers {
-				in[string(s.ID)] = true
-			}
-			for _, id := range n.fsm.memberIDs() {
-				if !in[id] {
-					n.forget(id)
+		if n.IsLeader() {
+			// A leader that removed itself could not do it.
+			if f := n.raft.GetConfiguration(); f.Error() == nil {
+				in := make(map[string]bool)
+				for _, s := range f.Configuration().Servers {
+					in[string(s.ID)] = true
+				}
+				for _, id := range n.fsm.memberIDs() {
+					if !in[id] {
+						n.forget(id)
+					}
 				}
 			}
 		}

@@ -224,8 +224,13 @@ func drainCmd(args []string, drained bool) error {
 	return nil
 }
 
-// membersCmd adds or removes a scheduler node.
-func membersCmd(args []string) error {
+// membersCmd lists, adds or removes scheduler nodes.
+func membersCmd(args []string) error { return runMembers(args, os.Stdout) }
+
+// runMembers is membersCmd printing to w. A node to add must be running
+// with raft on RAFT_ADDR (and bootstrap: false); the leader checks that
+// it answers there as NODE before it changes the configuration.
+func runMembers(args []string, w io.Writer) error {
 	c := newClusterFlags("members")
 	conn, ctx, cancel, err := c.dial(args)
 	if err != nil {
@@ -249,9 +254,9 @@ func membersCmd(args []string) error {
 		return fmt.Errorf("members: %w", err)
 	}
 	if *c.json {
-		return printJSON(os.Stdout, &adminpb.ClusterStatus{Leader: st.Leader, Term: st.Term, Members: st.Members})
+		return printJSON(w, &adminpb.ClusterStatus{Leader: st.Leader, Term: st.Term, Members: st.Members})
 	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "member\traft\tclient\tleader\n")
 	for _, m := range st.Members {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%v\n", m.Id, m.Raft, m.Client, m.Leader)

@@ -1,6 +1,7 @@
 // Command tvixfarm runs the farm: `tvixfarm serve` starts the storage
-// services (REAPI CAS, ByteStream, ActionCache, Capabilities) on one gRPC
-// port; later roles (scheduler, executor, frontend) join the same process.
+// services (REAPI CAS, ByteStream, ActionCache, Capabilities), the
+// scheduler and the executor on one gRPC port, and the Nix binary cache
+// over HTTP next to it.
 package main
 
 import (
@@ -61,6 +62,7 @@ func main() {
 func serve(args []string) error {
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	listen := fs.String("listen", "", "gRPC listen address (default 127.0.0.1:8980)")
+	httpListen := fs.String("http-listen", "", "the Nix binary cache's HTTP address (overrides binary_cache.listen; default: the gRPC port plus one, 127.0.0.1:8981; \"\" disables it)")
 	data := fs.String("data", "", "data directory (default /var/lib/tvixfarm as root, else $XDG_DATA_HOME/tvixfarm)")
 	cfgPath := fs.String("config", "", "configuration file (YAML); every setting has a default")
 	role := fs.String("role", "all", "roles to run: all (storage, scheduler and executor in one process), or a comma-separated list of storage, scheduler, executor")
@@ -89,6 +91,11 @@ func serve(args []string) error {
 	if *listen != "" {
 		cfg.Listen = *listen
 	}
+	fs.Visit(func(fl *flag.Flag) {
+		if fl.Name == "http-listen" {
+			cfg.BinaryCache.Listen = httpListen
+		}
+	})
 	if *data != "" {
 		cfg.Data = *data
 	}

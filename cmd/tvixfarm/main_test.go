@@ -3,7 +3,9 @@ package main
 import (
 	"bytes"
 	"context"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -39,11 +41,12 @@ func freeAddr(t *testing.T) string {
 }
 
 // TestServeAndSIGTERM runs the real binary: it serves REAPI on --listen
-// with its data in --data, and exits 0 on SIGTERM after a clean shutdown.
+// with its data in --data, the binary cache on --http-listen, and exits 0
+// on SIGTERM after a clean shutdown.
 func TestServeAndSIGTERM(t *testing.T) {
 	bin := buildBinary(t)
-	addr, data := freeAddr(t), t.TempDir()
-	cmd := exec.Command(bin, "serve", "--listen", addr, "--data", data)
+	addr, httpAddr, data := freeAddr(t), freeAddr(t), t.TempDir()
+	cmd := exec.Command(bin, "serve", "--listen", addr, "--http-listen", httpAddr, "--data", data)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -75,6 +78,15 @@ func TestServeAndSIGTERM(t *testing.T) {
 			t.Errorf("disk store %s not under --data: %v", d, err)
 		}
 	}
+	resp, err := http.Get("http://" + httpAddr + "/nix-cache-info")
+	if err != nil {
+		t.Fatalf("binary cache: %v\n%s", err, stderr.String())
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || !strings.Contains(string(body), "StoreDir: /nix/store\n") {
+		t.Errorf("/nix-cache-info: %s %q", resp.Status, body)
+	}
 	cmd.Process.Signal(syscall.SIGTERM)
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
@@ -103,6 +115,11 @@ func TestServeRejectsBadConfig(t *testing.T) {
 	}
 	if !strings.Contains(string(out), "storage.cas.disk.max_sise") {
 		t.Errorf("error does not name the key: %s", out)
+	}
+	os.WriteFile(cfg, []byte("binary_cache:\n  secret_key_file: /nonexistent/farm.sec\n"), 0o644)
+	out, err = exec.Command(bin, "serve", "--config", cfg, "--data", t.TempDir(), "--listen", freeAddr(t)).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "binary_cache.secret_key_file") {
+		t.Errorf("missing secret key file: %v %s", err, out)
 	}
 	out, err = exec.Command(bin, "serve", "--role", "juggler").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), `unknown role "juggler"`) {

@@ -147,7 +147,7 @@ func (r *run) checkFixed(ctx context.Context, n *node, nd nar.Node, info *storep
 	}
 	if !slices.Equal(got.Digest(), want.Digest()) {
 		return &BuildError{Msg: fmt.Sprintf("hash mismatch in fixed-output derivation '%s':\n  specified: %s\n     got:    %s",
-			o.Path, want.Format(nixhash.SRI, true), got.Format(nixhash.SRI, true))}
+			d.Path, want.Format(nixhash.SRI, true), got.Format(nixhash.SRI, true))}
 	}
 	prefix := "fixed:"
 	if mode == "recursive" {

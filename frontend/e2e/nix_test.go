@@ -117,6 +117,9 @@ func TestNixComparison(t *testing.T) {
 			if c.Slow && testing.Short() {
 				t.Skip("slow case")
 			}
+			if c.Bench {
+				t.Skip("benchmark case")
+			}
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 			defer cancel()
 			drvs, err := nixtest.Instantiate(ctx, nixtest.CorpusFile(), []string{c.Attr}, map[string]string{"busybox": bb, "salt": s})

@@ -103,7 +103,10 @@ type tree struct {
 func (t *tree) fetchDirectories(ctx context.Context, root digest.Digest) error {
 	level := []digest.Digest{root}
 	t.dirs[root] = nil
-	for len(level) > 0 {
+	for depth := 0; len(level) > 0; depth++ {
+		if depth > maxDepth {
+			return fmt.Errorf("nar: directories nested more than %d deep", maxDepth)
+		}
 		got := make([][]entry, len(level))
 		if len(level) == 1 {
 			var err error

@@ -10,12 +10,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"time"
 
+	"github.com/nix-community/go-nix/pkg/narinfo/signature"
 	"gopkg.in/yaml.v3"
 )
 
@@ -36,6 +38,8 @@ type Config struct {
 	Executor Executor `yaml:"executor"`
 	// Scheduler configures the scheduler role.
 	Scheduler Scheduler `yaml:"scheduler"`
+	// BinaryCache configures the Nix binary cache served over HTTP.
+	BinaryCache BinaryCache `yaml:"binary_cache"`
 	// Role is the set of roles this process runs (flag --role); it is
 	// not part of the file.
 	Role string `yaml:"-"`
@@ -86,7 +90,8 @@ type Scheduler struct {
 	// NodeID names this node in the raft cluster (default "node1").
 	NodeID string `yaml:"node_id"`
 	// RaftListen is raft's address (default: the gRPC listen address
-	// with the port plus one, or an ephemeral port if that is 0).
+	// with the port plus two, 127.0.0.1:8982 by default, or an ephemeral
+	// port if the listen port is 0; plus one is the binary cache's).
 	RaftListen string `yaml:"raft_listen"`
 	// Advertise is the gRPC address other nodes forward calls to
 	// (default: the listen address).
@@ -116,6 +121,62 @@ type Scheduler struct {
 	// CancelOnDisconnect cancels an action when all its clients have
 	// disconnected (default false: it runs on and is cached).
 	CancelOnDisconnect bool `yaml:"cancel_on_disconnect"`
+}
+
+// BinaryCache configures the Nix binary cache that processes with the
+// storage or the scheduler role serve over HTTP from the farm's path-info
+// store and CAS: /nix-cache-info, /<hash>.narinfo, /nar/… and
+// /log/<drv>.
+type BinaryCache struct {
+	// Listen is the HTTP address (flag --http-listen). Unset, it is the
+	// gRPC listen address with the port plus one (127.0.0.1:8981 by
+	// default; an ephemeral port if the listen port is 0); empty
+	// disables the binary cache.
+	Listen *string `yaml:"listen"`
+	// SecretKeyFile is a Nix secret key file ("name:base64", as written
+	// by nix-store --generate-binary-cache-key) that narinfos are signed
+	// with; a relative path is relative to the working directory.
+	// Without it narinfos carry only the signatures the store has.
+	SecretKeyFile string `yaml:"secret_key_file"`
+	// Priority is announced in /nix-cache-info (default 40, as
+	// cache.nixos.org; Nix prefers lower values).
+	Priority int `yaml:"priority"`
+	// WantMassQuery is announced in /nix-cache-info (default true).
+	WantMassQuery bool `yaml:"want_mass_query"`
+}
+
+// DefaultBinaryCachePriority is the binary cache's default priority.
+const DefaultBinaryCachePriority = 40
+
+// HTTPListen returns the binary cache's HTTP address: BinaryCache.Listen
+// if set (empty: disabled), else the gRPC listen address with the port
+// plus one (port 0 stays 0, an ephemeral port).
+func (c *Config) HTTPListen() (string, error) {
+	if c.BinaryCache.Listen != nil {
+		return *c.BinaryCache.Listen, nil
+	}
+	return ListenPlus(c.Listen, 1)
+}
+
+// ListenPlus returns listen with its port plus n, or with port 0 if
+// listen's port is 0. Defaults of the addresses next to the gRPC one are
+// derived with it: the binary cache's (plus one) and raft's (plus two).
+func ListenPlus(listen string, n int) (string, error) {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return "", fmt.Errorf("listen address %q: %w", listen, err)
+	}
+	p, err := strconv.Atoi(port)
+	if err != nil || p < 0 || p > 65535 {
+		return "", fmt.Errorf("listen address %q: invalid port", listen)
+	}
+	if p == 0 {
+		return net.JoinHostPort(host, "0"), nil
+	}
+	if p+n > 65535 {
+		return "", fmt.Errorf("listen address %q: no port %d above it", listen, n)
+	}
+	return net.JoinHostPort(host, strconv.Itoa(p+n)), nil
 }
 
 // Peer is a member of the scheduler's raft cluster.
@@ -215,6 +276,7 @@ func Default() *Config {
 			ActionCache:       Backend{Disk: &Disk{Path: "ac", MaxSize: 1 << 30}},
 			UploadIdleTimeout: Duration(time.Minute),
 		},
+		BinaryCache: BinaryCache{Priority: DefaultBinaryCachePriority, WantMassQuery: true},
 	}
 }
 
@@ -252,7 +314,9 @@ func Load(path string) (*Config, error) {
 // document replaces the default backend entirely.
 func Parse(data []byte) (*Config, error) {
 	cfg := Default()
-	var doc Config
+	// binary_cache is decoded over its defaults: keys it sets replace
+	// them, so "listen: ''" and "priority: 0" can be told from absent.
+	doc := Config{BinaryCache: cfg.BinaryCache}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&doc); err != nil && !errors.Is(err, io.EOF) {
@@ -284,6 +348,7 @@ func Parse(data []byte) (*Config, error) {
 	cfg.Storage.Instances = doc.Storage.Instances
 	cfg.Executor = doc.Executor
 	cfg.Scheduler = doc.Scheduler
+	cfg.BinaryCache = doc.BinaryCache
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -379,7 +444,43 @@ func (c *Config) Validate() error {
 	if err := c.Executor.validate(); err != nil {
 		return err
 	}
+	return c.BinaryCache.validate(c.Listen)
+}
+
+func (b *BinaryCache) validate(listen string) error {
+	if b.Listen != nil {
+		if *b.Listen != "" {
+			if _, _, err := net.SplitHostPort(*b.Listen); err != nil {
+				return fmt.Errorf("binary_cache.listen: %q is not host:port: %v", *b.Listen, err)
+			}
+		}
+	} else if _, err := ListenPlus(listen, 1); err != nil {
+		return fmt.Errorf("binary_cache.listen: the default (the listen port plus one): %v", err)
+	}
+	if b.Priority < 0 {
+		return errors.New("binary_cache.priority: must not be negative")
+	}
+	if b.SecretKeyFile != "" {
+		if _, err := LoadSecretKey(b.SecretKeyFile); err != nil {
+			return fmt.Errorf("binary_cache.secret_key_file: %v", err)
+		}
+	}
 	return nil
+}
+
+// LoadSecretKey reads a Nix secret key file: "name:base64" of an
+// Ed25519 private key, surrounding white space ignored. Errors name the
+// file, never its contents.
+func LoadSecretKey(path string) (signature.SecretKey, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return signature.SecretKey{}, err
+	}
+	k, err := signature.LoadSecretKey(strings.TrimSpace(string(data)))
+	if err != nil {
+		return signature.SecretKey{}, fmt.Errorf("%s: not a Nix secret key (name:base64, as nix-store --generate-binary-cache-key writes): %v", path, err)
+	}
+	return k, nil
 }
 
 func (b *Backend) validate(key string) error {

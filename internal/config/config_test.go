@@ -39,6 +39,9 @@ func TestExampleConfigParses(t *testing.T) {
 	if cfg.Storage.UploadIdleTimeout != Duration(time.Minute) {
 		t.Errorf("upload_idle_timeout = %v", cfg.Storage.UploadIdleTimeout)
 	}
+	if b := cfg.BinaryCache; b.Listen != nil || b.Priority != 40 || !b.WantMassQuery {
+		t.Errorf("example binary_cache = %+v", b)
+	}
 }
 
 func TestComposedBackends(t *testing.T) {
@@ -84,6 +87,11 @@ func TestErrorsNameTheKey(t *testing.T) {
 		{"storage:\n  instances:\n    x:\n      cas: {memory: {max_size: 1MiB}}\n", `storage.instances.x`},
 		{"storage:\n  upload_idle_timeout: soon\n", `storage.upload_idle_timeout`},
 		{"log_level: loud\n", `log_level`},
+		{"binary_cache:\n  lisen: x\n", `binary_cache.lisen`},
+		{"binary_cache:\n  listen: nope\n", `binary_cache.listen`},
+		{"binary_cache:\n  priority: -1\n", `binary_cache.priority`},
+		{"binary_cache:\n  secret_key_file: /nonexistent/key\n", `binary_cache.secret_key_file`},
+		{"listen: 127.0.0.1:65535\n", `binary_cache.listen`},
 		{"listen: [\n", `line`},
 	} {
 		_, err := Parse([]byte(tc.doc))
@@ -103,6 +111,65 @@ func TestParseSize(t *testing.T) {
 	for _, in := range []string{"", "x", "-1", "1.5GiB", "1PiB", "99999999999TiB"} {
 		if _, err := ParseSize(in); err == nil {
 			t.Errorf("ParseSize(%q) succeeded", in)
+		}
+	}
+}
+
+func TestBinaryCache(t *testing.T) {
+	cfg, err := Parse(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, err := cfg.HTTPListen(); a != "127.0.0.1:8981" || err != nil {
+		t.Errorf("default HTTP listen = %q, %v", a, err)
+	}
+	if b := cfg.BinaryCache; b.Priority != 40 || !b.WantMassQuery || b.SecretKeyFile != "" {
+		t.Errorf("defaults = %+v", b)
+	}
+	cfg, err = Parse([]byte("listen: 0.0.0.0:9000\nbinary_cache:\n  priority: 0\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, _ := cfg.HTTPListen(); a != "0.0.0.0:9001" || cfg.BinaryCache.Priority != 0 || !cfg.BinaryCache.WantMassQuery {
+		t.Errorf("derived listen %q, %+v", a, cfg.BinaryCache)
+	}
+	cfg, err = Parse([]byte("binary_cache:\n  listen: \"\"\n  want_mass_query: false\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, _ := cfg.HTTPListen(); a != "" || cfg.BinaryCache.WantMassQuery || cfg.BinaryCache.Priority != 40 {
+		t.Errorf("disabled: listen %q, %+v", a, cfg.BinaryCache)
+	}
+
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.sec")
+	// From go-nix's tests; a trailing newline is allowed.
+	os.WriteFile(good, []byte("test1:jbX9NxZp8WB/coK8k7yLf0gNYmBbIbCrOFwgJgI7OV+0sASf4R5oFQlioSlN3bJ56uvshzr7S9Z75pcv+9hSkQ==\n"), 0o600)
+	cfg, err = Parse([]byte("binary_cache: {listen: 127.0.0.1:0, secret_key_file: " + good + "}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := LoadSecretKey(cfg.BinaryCache.SecretKeyFile)
+	if err != nil || k.ToPublicKey().String() != "test1:tLAEn+EeaBUJYqEpTd2yeerr7Ic6+0vWe+aXL/vYUpE=" {
+		t.Errorf("key: %v %v", k.ToPublicKey(), err)
+	}
+	bad := filepath.Join(dir, "public.key")
+	os.WriteFile(bad, []byte("test1:tLAEn+EeaBUJYqEpTd2yeerr7Ic6+0vWe+aXL/vYUpE="), 0o600)
+	_, err = Parse([]byte("binary_cache: {secret_key_file: " + bad + "}\n"))
+	if err == nil || !strings.Contains(err.Error(), "binary_cache.secret_key_file") || !strings.Contains(err.Error(), bad) || strings.Contains(err.Error(), "tLAEn") {
+		t.Errorf("a public key as secret key: %v", err)
+	}
+}
+
+func TestListenPlus(t *testing.T) {
+	for in, want := range map[string]string{"127.0.0.1:8980": "127.0.0.1:8982", "127.0.0.1:0": "127.0.0.1:0", ":8980": ":8982", "[::1]:10": "[::1]:12"} {
+		if got, err := ListenPlus(in, 2); got != want || err != nil {
+			t.Errorf("ListenPlus(%q, 2) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"x", "127.0.0.1:65534", "127.0.0.1:http"} {
+		if got, err := ListenPlus(in, 2); err == nil {
+			t.Errorf("ListenPlus(%q, 2) = %q", in, got)
 		}
 	}
 }

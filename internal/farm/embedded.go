@@ -20,12 +20,14 @@ type Embedded struct {
 }
 
 // StartEmbedded starts cfg (its listen address and metrics listener are
-// replaced: a free loopback port, no metrics) with every role, and
-// returns once it serves.
+// replaced: a free loopback port, no metrics, no binary cache) with every
+// role, and returns once it serves.
 func StartEmbedded(cfg *config.Config, log *slog.Logger) (*Embedded, error) {
 	c := *cfg
 	c.Listen = "127.0.0.1:0"
 	c.MetricsListen = ""
+	noHTTP := ""
+	c.BinaryCache.Listen = &noHTTP
 	c.Role = "all"
 	if err := c.Validate(); err != nil {
 		return nil, err

@@ -2,7 +2,8 @@
 // gRPC server: the storage services (CAS, ByteStream, ActionCache,
 // Capabilities), the scheduler (REAPI Execution, Operations and the worker
 // protocol, on a raft node) and the executor, which connects to the
-// scheduler as a worker; later the frontend.
+// scheduler as a worker; and next to it an HTTP server with the Nix binary
+// cache (frontend/binarycache).
 package farm
 
 import (
@@ -37,6 +38,7 @@ import (
 	"tvixfarm/cas/grpcservers"
 	"tvixfarm/executor"
 	"tvixfarm/executor/worker"
+	"tvixfarm/frontend/binarycache"
 	"tvixfarm/frontend/pathinfo"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/rpc"
@@ -60,8 +62,15 @@ type Farm struct {
 	closers  []io.Closer
 	cancel   context.CancelFunc
 	metrics  *http.Server
-	exec     *executor.Executor
-	sched    *schedulerRole
+	// cache is the binary cache's HTTP server on cacheLis (nil when
+	// disabled). Its requests hold cacheMu for reading; stopCache takes
+	// it to wait for them, and sets cacheClosed.
+	cache       *http.Server
+	cacheLis    net.Listener
+	cacheMu     sync.RWMutex
+	cacheClosed bool
+	exec        *executor.Executor
+	sched       *schedulerRole
 	// runner runs actions for the scheduler at schedAddr.
 	runner    worker.Runner
 	schedAddr string
@@ -239,7 +248,80 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 	f.health = health.NewServer()
 	healthpb.RegisterHealthServer(f.srv, f.health)
 	reflection.Register(f.srv)
+	if err := f.newBinaryCache(bctx, storageProxy); err != nil {
+		f.lis.Close()
+		f.closeAll()
+		return nil, err
+	}
 	return f, nil
+}
+
+// newBinaryCache binds the binary cache's HTTP listener, if it is enabled
+// and this process has the farm's store: its own (storage role) or the
+// storage it proxies (scheduler role). Executors alone serve none.
+func (f *Farm) newBinaryCache(bctx context.Context, storageProxy *grpc.ClientConn) error {
+	cfg := f.cfg.BinaryCache
+	addr, err := f.cfg.HTTPListen()
+	if err != nil {
+		return fmt.Errorf("binary_cache.listen: %w", err)
+	}
+	if addr == "" {
+		return nil
+	}
+	var paths pathinfo.Store
+	var cas blobstore.BlobAccess
+	switch {
+	case f.paths != nil:
+		paths, cas = f.paths, f.stores.Default.CAS
+	case storageProxy != nil:
+		paths = pathinfo.NewClient(storageProxy)
+		cas = blobstore.NewGRPC(storageProxy, "", blobstore.GRPCOptions{})
+	default:
+		return nil
+	}
+	opts := binarycache.Options{Priority: cfg.Priority, WantMassQuery: cfg.WantMassQuery, Logger: f.log}
+	if cfg.SecretKeyFile != "" {
+		k, err := config.LoadSecretKey(cfg.SecretKeyFile)
+		if err != nil {
+			return fmt.Errorf("binary_cache.secret_key_file: %w", err)
+		}
+		opts.Key = &k
+	}
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("binary cache: listen: %w", err)
+	}
+	h := binarycache.New(paths, cas, opts)
+	f.cacheLis = lis
+	f.cache = &http.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			f.cacheMu.RLock()
+			defer f.cacheMu.RUnlock()
+			if f.cacheClosed {
+				http.Error(w, "the farm is stopping", http.StatusServiceUnavailable)
+				return
+			}
+			h.ServeHTTP(w, r)
+		}),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		// Requests end with the farm (closeAll cancels bctx).
+		BaseContext: func(net.Listener) context.Context { return bctx },
+		ErrorLog:    slog.NewLogLogger(f.log.Handler(), slog.LevelWarn),
+	}
+	if opts.Key != nil {
+		f.log.Info("binary cache signs narinfos", "public_key", opts.Key.ToPublicKey().String())
+	}
+	return nil
+}
+
+// HTTPAddr is the address of the binary cache's HTTP server, "" if this
+// process serves none.
+func (f *Farm) HTTPAddr() string {
+	if f.cacheLis == nil {
+		return ""
+	}
+	return f.cacheLis.Addr().String()
 }
 
 // Addr is the address the farm listens on.
@@ -271,20 +353,30 @@ func (f *Farm) Serve(ctx context.Context) error {
 			}
 		}()
 	}
-	errc := make(chan error, 1)
+	errc := make(chan error, 2)
 	go func() { errc <- f.srv.Serve(f.lis) }()
+	if f.cache != nil {
+		go func() {
+			if err := f.cache.Serve(f.cacheLis); !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("binary cache: %w", err)
+			}
+		}()
+	}
 	wctx, stopWorker := context.WithCancel(ctx)
 	defer stopWorker()
 	if f.runner != nil {
 		if err := f.startWorker(wctx); err != nil {
 			f.srv.Stop()
+			f.stopCache()
 			f.closeAll()
 			return err
 		}
 	}
-	f.log.Info("tvixfarm serving", "listen", f.Addr(), "data", f.cfg.Data, "roles", f.roles())
+	f.log.Info("tvixfarm serving", "listen", f.Addr(), "http", f.HTTPAddr(), "data", f.cfg.Data, "roles", f.roles())
 	select {
 	case err := <-errc:
+		f.srv.Stop()
+		f.stopCache()
 		f.closeAll()
 		return err
 	case <-ctx.Done():
@@ -293,14 +385,24 @@ func (f *Farm) Serve(ctx context.Context) error {
 	stopWorker()
 	f.workerWG.Wait()
 	f.health.Shutdown()
+	grace, cancelGrace := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancelGrace()
+	var stopping sync.WaitGroup
+	stopping.Go(f.srv.GracefulStop)
+	if f.cache != nil {
+		// Finishes the requests in flight (NAR downloads included)
+		// while refusing new connections.
+		stopping.Go(func() { f.cache.Shutdown(grace) })
+	}
 	done := make(chan struct{})
-	go func() { f.srv.GracefulStop(); close(done) }()
+	go func() { stopping.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(30 * time.Second):
+	case <-grace.Done():
 		f.log.Warn("grace period over; cancelling remaining requests")
 		f.srv.Stop()
 	}
+	f.stopCache()
 	f.closeAll()
 	f.log.Info("stopped")
 	return nil
@@ -309,7 +411,24 @@ func (f *Farm) Serve(ctx context.Context) error {
 // Close stops the farm at once.
 func (f *Farm) Close() {
 	f.srv.Stop()
+	f.stopCache()
 	f.closeAll()
+}
+
+// stopCache closes the binary cache's server and connections, cancels
+// its requests and waits for them to return, so that the stores they read
+// can be closed.
+func (f *Farm) stopCache() {
+	if f.cache == nil {
+		return
+	}
+	if f.cancel != nil {
+		f.cancel()
+	}
+	f.cache.Close()
+	f.cacheMu.Lock()
+	f.cacheClosed = true
+	f.cacheMu.Unlock()
 }
 
 // startWorker connects the executor to the scheduler.
@@ -341,6 +460,9 @@ func (f *Farm) closeAll() {
 	}
 	if f.metrics != nil {
 		f.metrics.Close()
+	}
+	if f.cacheLis != nil {
+		f.cacheLis.Close() // if Serve never ran
 	}
 	for _, c := range f.closers {
 		c.Close()

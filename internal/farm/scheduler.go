@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"google.golang.org/grpc"
@@ -36,17 +35,15 @@ func (s *schedulerRole) Close() error {
 }
 
 // raftAddr is the default raft address: the listen address with the port
-// plus one (or an ephemeral port when the listen port is 0).
+// plus two (or an ephemeral port when the listen port is 0). Plus one is
+// the binary cache's HTTP port.
 func raftAddr(listen string) (string, error) {
-	host, port, err := net.SplitHostPort(listen)
+	a, err := config.ListenPlus(listen, 2)
 	if err != nil {
-		return "", fmt.Errorf("scheduler: listen address %q: %w", listen, err)
+		return "", fmt.Errorf("scheduler: %w", err)
 	}
-	p, err := strconv.Atoi(port)
-	if err != nil {
-		return "", fmt.Errorf("scheduler: listen address %q: %w", listen, err)
-	}
-	if p == 0 {
+	host, port, _ := net.SplitHostPort(a)
+	if port == "0" {
 		// A free port, found now: raft's transport needs a concrete
 		// address to advertise.
 		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
@@ -56,7 +53,7 @@ func raftAddr(listen string) (string, error) {
 		defer l.Close()
 		return l.Addr().String(), nil
 	}
-	return net.JoinHostPort(host, strconv.Itoa(p+1)), nil
+	return a, nil
 }
 
 // newScheduler starts the scheduler role; clientAddr is where this
@@ -91,7 +88,7 @@ func (f *Farm) newScheduler(cfg config.Scheduler, clientAddr string, stores *blo
 	if err != nil {
 		return nil, err
 	}
-	if len(peers) == 0 && !f.embedded {
+	if bootstrap && len(peers) == 0 && !f.embedded {
 		// A single node elects itself within a second: wait, so that
 		// the first client does not have to retry. (An embedded farm's
 		// client starts with the store and retries Execute.)

@@ -96,6 +96,9 @@ type Case struct {
 	WantError string
 	// Slow marks the case (large) that writes about 216 MB.
 	Slow bool
+	// Bench marks cases for benchmarks only (graph1000), not for the
+	// comparison suite.
+	Bench bool
 }
 
 // Cases lists every attribute of the corpus with Nix's outcome; README.md
@@ -131,6 +134,7 @@ var Cases = []Case{
 	{Attr: "toFile"},
 	{Attr: "requiredSystemFeatures", WantError: "with features {tvixfarm-no-such-feature} is required to build"},
 	{Attr: "envProbe"},
+	{Attr: "graph1000", Bench: true},
 }
 
 // sourceDir is the directory of this file, in the source tree.
