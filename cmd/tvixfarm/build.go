@@ -241,10 +241,10 @@ func build(args []string) error {
 		log.Info("phase done", "phase", name, "took", time.Since(t0).Round(time.Millisecond))
 		t0 = time.Now()
 	}
-	local, err := nixstore.Local()
-	if err != nil {
-		return fmt.Errorf("build: %v (tvixfarm build evaluates with nix-instantiate and reads .drv files from the local store)", err)
-	}
+	// Without a local Nix, only .drv paths can be built (nothing can
+	// evaluate), the farm must already have the sources, and -o writes the
+	// outputs as plain files.
+	local, localErr := nixstore.Local()
 	var targets []coordinator.Request
 	var ev eval.Evaluator = eval.NixInstantiate{}
 	for _, p := range f.paths {
@@ -259,6 +259,9 @@ func build(args []string) error {
 			targets = append(targets, coordinator.Request{Drv: abs})
 			continue
 		}
+		if local == nil {
+			return fmt.Errorf("build: %s: %v (evaluating needs nix-instantiate; .drv paths can be built without)", p, localErr)
+		}
 		ts, err := ev.Evaluate(ctx, eval.Expr{Path: p, Attrs: f.attrs, Args: f.args, ArgStrs: f.argstrs})
 		if err != nil {
 			return err
@@ -268,9 +271,11 @@ func build(args []string) error {
 		}
 	}
 	phase("evaluate")
-	settings, err := nixstore.ReadSettings(ctx)
-	if err != nil {
-		return fmt.Errorf("build: reading the Nix settings: %w", err)
+	var settings nixstore.Settings
+	if local != nil {
+		if settings, err = nixstore.ReadSettings(ctx); err != nil {
+			return fmt.Errorf("build: reading the Nix settings: %w", err)
+		}
 	}
 
 	phase("settings")
@@ -288,7 +293,7 @@ func build(args []string) error {
 	c := coordinator.New(fc.farm, coordinator.Config{
 		Jobs:      f.jobs,
 		KeepGoing: f.keepGoing,
-		Local:     local,
+		Local:     local, // may be nil
 		Events:    prog.event,
 		Logger:    log,
 	}.WithTranslate(fn, settings.Cores, sandbox))
@@ -314,8 +319,10 @@ func build(args []string) error {
 			outs = append(outs, res.Outputs[t.Drv][name])
 		}
 	}
-	if _, err := coordinator.Import(ctx, fc.farm, local, outs); err != nil {
-		return fmt.Errorf("build: registering the outputs in the local Nix store: %w", err)
+	if local != nil {
+		if _, err := coordinator.Import(ctx, fc.farm, local, outs); err != nil {
+			return fmt.Errorf("build: registering the outputs in the local Nix store: %w", err)
+		}
 	}
 	phase("import")
 	defer phase("roots")
@@ -332,7 +339,11 @@ func build(args []string) error {
 				if name != "out" {
 					link += "-" + name
 				}
-				if err := local.AddRoot(ctx, p, link); err != nil {
+				if local == nil {
+					if err := coordinator.Extract(ctx, fc.farm, p, link); err != nil {
+						return fmt.Errorf("build: writing %s: %w", link, err)
+					}
+				} else if err := local.AddRoot(ctx, p, link); err != nil {
 					return fmt.Errorf("build: %w", err)
 				}
 			}

@@ -94,6 +94,17 @@ func TestBuild(t *testing.T) {
 		}
 	}
 
+	// Without a local Nix: a .drv path, outputs written as plain files.
+	plain := filepath.Join(dir, "plain")
+	cmd := exec.Command(bin, "build", "--data", data, "-o", plain, strings.TrimSpace(string(drv)))
+	cmd.Env = append(os.Environ(), "PATH=/nonexistent")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build without Nix: %v\n%s", err, out)
+	}
+	if st, err := os.Stat(filepath.Join(plain, "bin", "hello")); err != nil || st.Mode()&0o111 == 0 {
+		t.Errorf("plain output: %v, %v", st, err)
+	}
+
 	// A failing builder: exit code and log tail, nothing on stdout.
 	failing := filepath.Join(dir, "fail.nix")
 	os.WriteFile(failing, []byte(`{ busybox ? builtins.replaceStrings ["\n"] [""] (builtins.readFile /etc/nix/tvixfarm-busybox-path) }:
