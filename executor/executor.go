@@ -16,7 +16,18 @@
 //
 // In both, only the working directory, the parents of the outputs and
 // /tmp are writable. The files of the input root are hardlinks into a
-// local cache (package inputs), read-only and owned by root.
+// local cache (package inputs), read-only and owned by root, except, in
+// Nix actions, the files that Nix's sandbox creates itself rather than
+// bind-mounts from the store: /etc/passwd, group and hosts (0644, root's)
+// and the files of /build (0644, the build user's), as in Nix.
+//
+// A Nix action's builder sees what a builder of Nix's sandbox sees: it is
+// uid 1000 (nixbld) and gid 100 (nixbld) in a user namespace that maps
+// only them, to a host build user of the sandbox and the build group
+// (sandbox.Instance.BuildUser), with setgroups denied. So root's files
+// show as nobody:nogroup, the root directory (0750) and /nix/store
+// (1775), which belong to root and the build group, as nobody:nixbld,
+// and /build (0700) as nixbld:nixbld.
 package executor
 
 import (
@@ -155,7 +166,11 @@ func (e *Executor) Init() error {
 	for name, content := range nixEtc {
 		p := filepath.Join(etc, name)
 		tmp := p + ".tmp"
-		if err := os.WriteFile(tmp, []byte(content), 0o444); err != nil {
+		os.Remove(tmp)
+		if err := os.WriteFile(tmp, []byte(content), nixEtcMode); err != nil {
+			return fmt.Errorf("executor: %w", err)
+		}
+		if err := os.Chmod(tmp, nixEtcMode); err != nil { // not subject to the umask
 			return fmt.Errorf("executor: %w", err)
 		}
 		if err := os.Rename(tmp, p); err != nil {
@@ -165,8 +180,12 @@ func (e *Executor) Init() error {
 	return nil
 }
 
-// nixEtc are the /etc files of Nix's sandbox.
+// nixEtc are the /etc files of Nix's sandbox, which Nix writes with mode
+// nixEtcMode; the executor's copies (in Config.Dir/etc) are root's and
+// shared by all actions: the build user cannot change them.
 var nixEtc = map[string]string{"passwd": sandbox.NixPasswd, "group": sandbox.NixGroup, "hosts": sandbox.NixHosts}
+
+const nixEtcMode = 0o644
 
 // Name is the worker name the executor puts in results.
 func (e *Executor) Name() string { return e.cfg.Name }
@@ -255,12 +274,17 @@ func (e *Executor) Execute(ctx context.Context, req *Request) (*repb.ExecuteResp
 	if err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "action %s: input root digest: %v", req.Action, err)
 	}
+	uid, gid := in.BuildUser()
+	var mopts inputs.MaterializeOptions
+	if plan.nix {
+		mopts.Place = e.nixPlacement(fn, plan, uid, gid)
+	}
 	if plan.shape.Overlay == "" {
-		if _, err := e.mat.Materialize(ctx, rootDigest, in.InputRoot(), inputs.MaterializeOptions{}); err != nil {
+		if _, err := e.mat.Materialize(ctx, rootDigest, in.InputRoot(), mopts); err != nil {
 			return nil, inputError(req.Action, err)
 		}
 	} else {
-		set, _, err := e.cfg.Layers.Materialize(ctx, rootDigest, in.InputRoot(), plan.shape.Overlay, inputs.MaterializeOptions{})
+		set, _, err := e.cfg.Layers.Materialize(ctx, rootDigest, in.InputRoot(), plan.shape.Overlay, mopts)
 		if err != nil {
 			set.Release()
 			return nil, inputError(req.Action, err)
@@ -269,7 +293,7 @@ func (e *Executor) Execute(ctx context.Context, req *Request) (*repb.ExecuteResp
 			return nil, status.Errorf(codes.Internal, "action %s: %v", req.Action, err)
 		}
 	}
-	if err := e.prepareRoot(in.InputRoot(), plan); err != nil {
+	if err := e.prepareRoot(in.InputRoot(), plan, uid, gid); err != nil {
 		return nil, status.Errorf(codes.Internal, "action %s: %v", req.Action, err)
 	}
 	md.InputFetchCompletedTimestamp = timestamppb.Now()
@@ -540,19 +564,59 @@ func (e *Executor) matchPlatform(props map[string]string) error {
 	return nil
 }
 
+// nixPlacement says how a Nix action's input root gets the files that
+// Nix's sandbox writes itself rather than bind-mounts from the store: its
+// /etc files are 0644 and root's, and the files of /build (passAsFile,
+// structured attrs, exportReferencesGraph) 0644 and the build user's, as
+// Nix writes them. A hardlink into the input cache would have the cache's
+// mode (0444) and owner, which must not change, so /etc files with Nix's
+// usual contents are hardlinks to the executor's copies and the others
+// private copies; the working directory's files are private copies (the
+// build may change them).
+func (e *Executor) nixPlacement(fn digest.Function, p *plan, uid, gid int) func(string, digest.Digest, bool) *inputs.Placement {
+	return func(rel string, d digest.Digest, executable bool) *inputs.Placement {
+		mode := os.FileMode(0o644)
+		if executable {
+			mode = 0o755
+		}
+		if dir, name := path.Split(rel); dir == "etc/" {
+			content, ok := nixEtc[name]
+			if !ok {
+				return nil // not Nix's: a sandbox path, bind-mounted by Nix
+			}
+			pl := &inputs.Placement{Mode: mode}
+			if e.cfg.Dir != "" && !executable && d == digest.Compute(fn, []byte(content)) {
+				pl.LinkTo = filepath.Join(e.cfg.Dir, "etc", name)
+			}
+			return pl
+		}
+		if p.workDir != "" && underDir(rel, p.workDir) && !underDir(rel, storeDir) {
+			return &inputs.Placement{Mode: mode, UID: uid, GID: gid}
+		}
+		return nil
+	}
+}
+
 // prepareRoot makes the writable directories writable for the build user
-// and gives a chroot the /etc files Nix's sandbox has, when the input root
-// has none. The working directory belongs to the build user; other
-// writable directories (such as /nix/store) are root's and group-writable
-// with the sticky bit, as Nix's /nix/store is, so that the build can add
-// its outputs but not touch its inputs.
-func (e *Executor) prepareRoot(root string, p *plan) error {
+// (host uid and gid) and gives a chroot the /etc files Nix's sandbox has,
+// when the input root has none. The working directory belongs to the
+// build user; other writable directories (such as /nix/store) are root's
+// and group-writable with the sticky bit, as Nix's /nix/store is, so that
+// the build can add its outputs but not touch its inputs. A chroot's root
+// directory is root's and the build group's, 0750, as Nix's is.
+func (e *Executor) prepareRoot(root string, p *plan, uid, gid int) error {
 	wd := filepath.Join(root, p.workDir)
 	mode := os.FileMode(0o755)
 	if p.nix {
 		mode = 0o700
+		if err := os.Chown(root, 0, gid); err != nil {
+			return err
+		}
+		if err := os.Chmod(root, 0o750); err != nil {
+			return err
+		}
 	}
-	if err := os.Chown(wd, sandbox.UID, sandbox.GID); err != nil {
+	if err := os.Chown(wd, uid, gid); err != nil {
 		return err
 	}
 	if err := os.Chmod(wd, mode); err != nil {
@@ -561,13 +625,14 @@ func (e *Executor) prepareRoot(root string, p *plan) error {
 	{
 		// Builds write next to their inputs in the working tree (Nix's
 		// /build is the builder's): its directories belong to the build
-		// user; its files stay read-only and root's (they are hardlinks
-		// into the input cache).
+		// user. Its files are the build user's in Nix actions (see
+		// nixPlacement), else read-only and root's (hardlinks into the
+		// input cache).
 		err := filepath.WalkDir(wd, func(path string, d os.DirEntry, err error) error {
 			if err != nil || !d.IsDir() || path == wd {
 				return err
 			}
-			return os.Lchown(path, sandbox.UID, sandbox.GID)
+			return os.Lchown(path, uid, gid)
 		})
 		if err != nil {
 			return err
@@ -576,7 +641,7 @@ func (e *Executor) prepareRoot(root string, p *plan) error {
 	for _, d := range p.parents {
 		if !underDir(d, p.workDir) {
 			d = filepath.Join(root, d)
-			if err := os.Chown(d, 0, sandbox.GID); err != nil {
+			if err := os.Chown(d, 0, gid); err != nil {
 				return err
 			}
 			if err := os.Chmod(d, 0o775|os.ModeSticky); err != nil {
@@ -600,7 +665,7 @@ func (e *Executor) prepareRoot(root string, p *plan) error {
 			if err := os.Mkdir(full, 0o755); err != nil {
 				return fmt.Errorf("output directory %s: %w", missing[i], err)
 			}
-			if err := os.Chown(full, sandbox.UID, sandbox.GID); err != nil {
+			if err := os.Chown(full, uid, gid); err != nil {
 				return err
 			}
 		}
@@ -618,7 +683,10 @@ func (e *Executor) prepareRoot(root string, p *plan) error {
 			if e.cfg.Dir != "" && os.Link(filepath.Join(e.cfg.Dir, "etc", name), f) == nil {
 				continue
 			}
-			if err := os.WriteFile(f, []byte(content), 0o444); err != nil {
+			if err := os.WriteFile(f, []byte(content), nixEtcMode); err != nil {
+				return err
+			}
+			if err := os.Chmod(f, nixEtcMode); err != nil {
 				return err
 			}
 		}

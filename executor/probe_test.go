@@ -11,6 +11,8 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"tvixfarm/executor/sandbox"
 )
 
 // The probe suite: actions that look at their sandbox from inside and
@@ -104,7 +106,8 @@ func TestProbeNetworkHost(t *testing.T) {
 
 func TestProbeIdentity(t *testing.T) {
 	e := newEnv(t, 0)
-	script := `echo host=$(hostname); id; echo pwd=$(pwd); grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status; echo pid=$$; umask`
+	script := `echo host=$(hostname); id; echo pwd=$(pwd); grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp|Groups):' /proc/self/status; echo pid=$$; umask
+echo setgroups=$(cat /proc/self/setgroups); awk '{print "uid_map=" $1, $2, $3}' /proc/self/uid_map; awk '{print "gid_map=" $1, $2, $3}' /proc/self/gid_map`
 	for kind, a := range e.kinds(script, nil) {
 		t.Run(kind, func(t *testing.T) {
 			code, out, errs := e.sh(a)
@@ -127,13 +130,43 @@ func TestProbeIdentity(t *testing.T) {
 			if !hasLine(out, wantPwd) {
 				t.Errorf("want %s:\n%s", wantPwd, out)
 			}
-			if kind == "nix" && !strings.Contains(out, "uid=1000(nixbld) gid=100(nixbld)") {
-				t.Errorf("uid/gid names are not Nix's:\n%s", out)
+			if kind == "reapi" {
+				// No user namespace: host uid 1000 and gid 100.
+				if !hasLine(out, "setgroups=allow") || !hasLine(out, "uid_map=0 0 4294967295") {
+					t.Errorf("a plain REAPI action has a user namespace:\n%s", out)
+				}
+				return
+			}
+			// As in Nix: uid 1000 (nixbld) and gid 100 (nixbld), no
+			// supplementary groups, a user namespace mapping only them
+			// to a host build user, setgroups denied.
+			if !hasLine(out, "uid=1000(nixbld) gid=100(nixbld)") {
+				t.Errorf("id is not Nix's uid=1000(nixbld) gid=100(nixbld):\n%s", out)
+			}
+			if !hasLine(out, "Groups:") || !hasLine(out, "setgroups=deny") {
+				t.Errorf("want no supplementary groups and setgroups denied:\n%s", out)
+			}
+			var uid, gid, n int
+			for _, l := range lines(out) {
+				fmt.Sscanf(l, "uid_map=1000 %d 1", &uid)
+				fmt.Sscanf(l, "gid_map=100 %d 1", &gid)
+				if strings.HasPrefix(l, "uid_map=") || strings.HasPrefix(l, "gid_map=") {
+					n++
+				}
+			}
+			u := sandbox.DefaultBuildUsers
+			if n != 2 || uid < u.FirstUID || uid >= u.FirstUID+u.Count || gid != u.GID {
+				t.Errorf("user namespace does not map exactly 1000 to a build uid and 100 to the build group:\n%s", out)
 			}
 		})
 	}
 }
 
+// TestProbeFilesystemNix checks the file system a Nix builder sees
+// against what Nix 2.8's sandbox shows (nix-sandbox.md §3, measured with
+// the corpus's envProbe.filesystem): the modes, and the owners as seen
+// through the user namespace, in which only the build user and group
+// exist; everything of root's is nobody:nogroup.
 func TestProbeFilesystemNix(t *testing.T) {
 	e := newEnv(t, 0)
 	script := `
@@ -141,40 +174,108 @@ ls / | tr '\n' ' '; echo
 ls /etc | tr '\n' ' '; echo
 cat /etc/passwd /etc/group /etc/hosts
 ls /dev | tr '\n' ' '; echo
-stat -c '%a %U %G %n' /tmp /build /nix/store
+stat -c '%n %a %U:%G %F' / /bin /bin/sh /build /build/.attr-x /build/sub /build/sub/f /tmp /etc /etc/* /nix /nix/store /nix/store/*-busybox/bin/busybox /dev /dev/pts /dev/shm /proc
 ls /nix/store
 echo argv0=$0
 `
-	code, out, errs := e.sh(e.nixAction(script, func(a *action) { a.outputs = []string{"../nix/store/abc-out"} }))
-	if code != 0 {
-		t.Fatalf("exit %d: %s %s", code, out, errs)
+	nixStat := []string{
+		"/ 750 nobody:nixbld directory",
+		"/bin 755 nobody:nogroup directory",
+		"/bin/sh 555 nobody:nogroup regular file",
+		"/build 700 nixbld:nixbld directory",
+		"/build/.attr-x 644 nixbld:nixbld regular file", // passAsFile, written by Nix as the build user
+		"/build/sub 755 nixbld:nixbld directory",
+		"/build/sub/f 644 nixbld:nixbld regular file",
+		"/tmp 1777 nobody:nogroup directory",
+		"/etc 755 nobody:nogroup directory",
+		"/etc/group 644 nobody:nogroup regular file",
+		"/etc/hosts 644 nobody:nogroup regular file",
+		"/etc/passwd 644 nobody:nogroup regular file",
+		"/nix 755 nobody:nogroup directory",
+		"/nix/store 1775 nobody:nixbld directory",
+		"/" + busyboxPath + "/bin/busybox 555 nobody:nogroup regular file",
+		"/dev 755 nobody:nogroup directory",
+		"/dev/pts 755 nobody:nogroup directory",
+		"/dev/shm 1777 nobody:nogroup directory",
+		"/proc 555 nobody:nogroup directory",
 	}
-	t.Logf("\n%s", out)
-	for _, want := range []string{
-		"bin build dev etc nix proc tmp",
-		"group hosts passwd",
-		"nixbld:x:1000:100:Nix build user:/build:/noshell",
-		"nixbld:!:100:",
-		"127.0.0.1 localhost",
-		"1777 root root /tmp",
-		"700 nixbld nixbld /build",
-		"1775 root nixbld /nix/store",
-		"s1y78axx3ky46cgzv60pyry4irrlv0pl-busybox",
-		"argv0=sh",
-	} {
-		if !hasLine(out, want) {
-			t.Errorf("missing line %q", want)
+	for _, etc := range []string{"executor", "input root", "input root, other contents"} {
+		t.Run(etc, func(t *testing.T) {
+			a := e.nixAction(script, func(a *action) {
+				a.outputs = []string{"../nix/store/abc-out"}
+				a.root["bin/sh"] = execFile(busyboxBytes) // as Nix's sandbox-paths give it
+				a.root["build/.attr-x"] = file("passed as a file\n")
+				a.root["build/sub/f"] = file("f\n")
+				switch etc {
+				case "input root":
+					// As frontend/translate gives them.
+					a.root["etc/passwd"] = file(sandbox.NixPasswd)
+					a.root["etc/group"] = file(sandbox.NixGroup)
+					a.root["etc/hosts"] = file(sandbox.NixHosts)
+				case "input root, other contents":
+					a.root["etc/passwd"] = file(sandbox.NixPasswd)
+					a.root["etc/group"] = file(sandbox.NixGroup)
+					a.root["etc/hosts"] = file(sandbox.NixHosts + "10.1.1.1 other\n")
+				}
+			})
+			code, out, errs := e.sh(a)
+			if code != 0 {
+				t.Fatalf("exit %d: %s %s", code, out, errs)
+			}
+			t.Logf("\n%s", out)
+			want := append([]string{
+				"bin build dev etc nix proc tmp",
+				"group hosts passwd",
+				"nixbld:x:1000:100:Nix build user:/build:/noshell",
+				"nixbld:!:100:",
+				"127.0.0.1 localhost",
+				"s1y78axx3ky46cgzv60pyry4irrlv0pl-busybox",
+				"argv0=sh",
+			}, nixStat...)
+			if etc == "input root, other contents" {
+				want = append(want, "10.1.1.1 other")
+			}
+			for _, w := range want {
+				if !hasLine(out, w) {
+					t.Errorf("missing line %q", w)
+				}
+			}
+			var devs []string
+			for _, l := range lines(out) {
+				if strings.HasPrefix(l, "fd ") {
+					devs = strings.Fields(l)
+				}
+			}
+			for _, dev := range []string{"full", "null", "random", "tty", "urandom", "zero", "ptmx", "pts", "shm"} {
+				if !slices.Contains(devs, dev) {
+					t.Errorf("/dev lacks %s: %v", dev, devs)
+				}
+			}
+		})
+	}
+}
+
+// TestProbeBuildFilesPrivate checks that the files of /build, which
+// belong to the build user in Nix actions, are the action's own copies:
+// changing them changes neither the input cache nor the next action.
+func TestProbeBuildFilesPrivate(t *testing.T) {
+	e := newEnv(t, 1)
+	script := `cat /build/.attr-x; stat -c '%a %U:%G %h' /build/.attr-x; echo changed >> /build/.attr-x && chmod 600 /build/.attr-x && echo wrote
+cat /etc/hosts >/dev/null; echo x >> /etc/hosts 2>/dev/null && echo wrote-etc; chmod 666 /etc/hosts 2>/dev/null && echo chmod-etc
+touch /nix/store/abc-out`
+	a := e.nixAction(script, func(a *action) {
+		a.root["build/.attr-x"] = file("original\n")
+		a.root["build/.attr-y"] = file("original\n") // the same contents: the same cache entry
+		a.root["etc/hosts"] = file(sandbox.NixHosts)
+		a.outputs = []string{"../nix/store/abc-out"}
+	})
+	for run := range 3 {
+		code, out, errs := e.sh(a)
+		if code != 0 {
+			t.Fatalf("run %d: exit %d: %s %s", run, code, out, errs)
 		}
-	}
-	var devs []string
-	for _, l := range lines(out) {
-		if strings.HasPrefix(l, "fd ") {
-			devs = strings.Fields(l)
-		}
-	}
-	for _, dev := range []string{"full", "null", "random", "tty", "urandom", "zero", "ptmx", "pts", "shm"} {
-		if !slices.Contains(devs, dev) {
-			t.Errorf("/dev lacks %s: %v", dev, devs)
+		if want := "original\n644 nixbld:nixbld 1\nwrote\n"; out != want {
+			t.Errorf("run %d: stdout %q, want %q (stderr %q)", run, out, want, errs)
 		}
 	}
 }

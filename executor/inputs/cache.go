@@ -287,6 +287,35 @@ func (c *Cache) link(ctx context.Context, d digest.Digest, executable bool, dst 
 	}
 }
 
+// placeAs creates dst as pl says: a hardlink to pl.LinkTo, or else a copy
+// of the cached file of d with pl's mode and owner, fetching it first if
+// needed. It reports whether the file was fetched.
+func (c *Cache) placeAs(ctx context.Context, d digest.Digest, executable bool, dst string, pl *Placement) (fetched bool, err error) {
+	if pl.LinkTo != "" && linkFunc(pl.LinkTo, dst) == nil {
+		return false, nil
+	}
+	k := cacheKey{d: d, executable: executable}
+	for attempt := 0; ; attempt++ {
+		e, missed, err := c.acquire(ctx, k)
+		fetched = fetched || missed
+		if err != nil {
+			return fetched, err
+		}
+		err = copyFileOwned(c.path(k), dst, pl.Mode, pl.UID, pl.GID)
+		gone := errors.Is(err, fs.ErrNotExist) && !c.exists(k)
+		if gone {
+			c.forget(e)
+		}
+		c.release(e)
+		if !gone || attempt > 0 {
+			if err != nil {
+				err = fmt.Errorf("input %s: %w", d, err)
+			}
+			return fetched, err
+		}
+	}
+}
+
 func (c *Cache) exists(k cacheKey) bool {
 	_, err := os.Lstat(c.path(k))
 	return err == nil
@@ -534,6 +563,12 @@ func (c *Cache) replace(e *cacheEntry) error {
 
 // copyFile copies src to the new file dst with mode mode.
 func copyFile(src, dst string, mode fs.FileMode) error {
+	return copyFileOwned(src, dst, mode, -1, -1)
+}
+
+// copyFileOwned copies src to the new file dst with mode mode, owned by
+// uid and gid (-1: the caller's).
+func copyFileOwned(src, dst string, mode fs.FileMode, uid, gid int) error {
 	in, err := os.Open(src)
 	if err != nil {
 		return err
@@ -546,6 +581,9 @@ func copyFile(src, dst string, mode fs.FileMode) error {
 	_, err = io.Copy(out, in) // copy_file_range where possible
 	if err == nil {
 		err = out.Chmod(mode) // not subject to the umask
+	}
+	if err == nil && (uid != -1 || gid != -1) {
+		err = out.Chown(uid, gid)
 	}
 	if cerr := out.Close(); err == nil {
 		err = cerr

@@ -216,7 +216,9 @@ func (l *Layers) Materialize(ctx context.Context, root digest.Digest, dst, split
 				if err := mkdir(p); err != nil {
 					return MaterializeStats{}, err
 				}
-				s, _, err := l.m.materialize(ctx, d.d, p, opts, "")
+				lopts := opts
+				lopts.Place = nil // a layer is shared: its files are the cache's
+				s, _, err := l.m.materialize(ctx, d.d, p, lopts, "")
 				s.Directories++
 				var missing *MissingBlobsError
 				if errors.As(err, &missing) {

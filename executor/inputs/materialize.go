@@ -62,6 +62,26 @@ type MaterializeOptions struct {
 	// Parallelism is the number of goroutines creating directories and
 	// linking files; 0 means 4.
 	Parallelism int
+	// Place, if set, is asked how to create each regular file of the
+	// tree: rel is its slash-separated path relative to the root, d and
+	// executable its contents. nil keeps the default, a hardlink into the
+	// cache (read-only, root's, shared). Layers do not ask it about the
+	// entries of their split directory.
+	Place func(rel string, d digest.Digest, executable bool) *Placement
+}
+
+// Placement is how to create a file that must not be a hardlink into the
+// cache: one whose mode or owner differ from the cache's, or that its
+// owner may change.
+type Placement struct {
+	// LinkTo, if set, is a host file with the same contents to hardlink
+	// instead, which the caller keeps unchanged. If it cannot be linked,
+	// the file is a copy as below.
+	LinkTo string
+	// Mode, UID and GID are those of a private copy of the file: a new
+	// inode, the action's alone.
+	Mode     fs.FileMode
+	UID, GID int
 }
 
 // MaterializeStats describes one Materialize call.
@@ -175,7 +195,13 @@ func (m *Materializer) materialize(ctx context.Context, root digest.Digest, dst 
 	err = forEach(ctx, workers, len(files), func(ctx context.Context, i int) error {
 		f := files[i]
 		path := f.dir + "/" + f.node.name
-		miss, err := m.cache.link(ctx, f.node.d, f.node.executable, path)
+		var miss bool
+		var err error
+		if pl := placement(opts, dst, path, f.node); pl != nil {
+			miss, err = m.cache.placeAs(ctx, f.node.d, f.node.executable, path, pl)
+		} else {
+			miss, err = m.cache.link(ctx, f.node.d, f.node.executable, path)
+		}
 		if blobstore.IsNotFound(err) {
 			missing.add(f.node.d, rel(dst, path))
 			return nil
@@ -643,6 +669,14 @@ func join(dir, name string) string {
 		return name
 	}
 	return dir + "/" + name
+}
+
+// placement asks opts.Place about the file node at path.
+func placement(opts MaterializeOptions, dst, path string, node *fileNode) *Placement {
+	if opts.Place == nil {
+		return nil
+	}
+	return opts.Place(rel(dst, path), node.d, node.executable)
 }
 
 // rel returns path relative to the input root dst.

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
@@ -533,5 +534,110 @@ func TestTreeCacheBounded(t *testing.T) {
 		if m.cached(d) == nil {
 			t.Errorf("recent directory %s evicted", d)
 		}
+	}
+}
+
+// TestMaterializePlace checks MaterializeOptions.Place: files it names are
+// private copies with its mode and owner, or links to its LinkTo (a copy
+// if that cannot be linked); the cache's files keep their mode, owner and
+// contents; Layers do not ask it about their layers' files.
+func TestMaterializePlace(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("chown needs root")
+	}
+	ctx := context.Background()
+	cas := newStore(t, digest.SHA256)
+	hello := cas.blob(t, "hello\n")
+	other := cas.blob(t, "other\n")
+	root := cas.dir(t,
+		subdir("build", cas.dir(t, file(".attr-x", hello, false), file("tool", hello, true), subdir("sub", cas.dir(t, file("f", hello, false))))),
+		subdir("etc", cas.dir(t, file("hosts", hello, false), file("passwd", hello, false), file("group", other, false))),
+		subdir("nix", cas.dir(t, subdir("store", cas.dir(t, subdir("aaa-pkg", cas.dir(t, file("f", hello, false))))))),
+		file("top", hello, false),
+	)
+	shared := filepath.Join(t.TempDir(), "hosts")
+	if err := os.WriteFile(shared, []byte("hello\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var asked []string
+	var mu sync.Mutex
+	place := func(rel string, d digest.Digest, executable bool) *Placement {
+		mu.Lock()
+		asked = append(asked, rel)
+		mu.Unlock()
+		switch {
+		case strings.HasPrefix(rel, "build/"):
+			mode := fs.FileMode(0o644)
+			if executable {
+				mode = 0o755
+			}
+			return &Placement{Mode: mode, UID: 4242, GID: 4343}
+		case rel == "etc/hosts":
+			return &Placement{LinkTo: shared, Mode: 0o644}
+		case rel == "etc/passwd":
+			return &Placement{LinkTo: filepath.Join(t.TempDir(), "missing"), Mode: 0o644} // falls back to a copy
+		}
+		return nil
+	}
+	c := newCache(t, 1<<20, cas)
+	m := NewMaterializer(c, 1<<20)
+	l := newLayers(t, m, 1<<30)
+	for _, layered := range []bool{false, true} {
+		asked = nil
+		dst := newDst(t)
+		opts := MaterializeOptions{Place: place}
+		if layered {
+			set, _, err := l.Materialize(ctx, root, dst, "nix/store", opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer set.Release()
+		} else if _, err := m.Materialize(ctx, root, dst, opts); err != nil {
+			t.Fatal(err)
+		}
+		slices.Sort(asked)
+		want := []string{"build/.attr-x", "build/sub/f", "build/tool", "etc/group", "etc/hosts", "etc/passwd", "top"}
+		if !layered {
+			want = slices.Insert(want, 6, "nix/store/aaa-pkg/f")
+		}
+		if !slices.Equal(asked, want) {
+			t.Errorf("layered %v: Place asked about %q, want %q", layered, asked, want)
+		}
+		check := func(rel string, mode fs.FileMode, uid, gid uint32, links uint64) {
+			t.Helper()
+			var st syscall.Stat_t
+			if err := syscall.Stat(filepath.Join(dst, rel), &st); err != nil {
+				t.Fatal(err)
+			}
+			got := fs.FileMode(st.Mode).Perm()
+			if got != mode || st.Uid != uid || st.Gid != gid || (links > 0) != (st.Nlink > 1) {
+				t.Errorf("layered %v: %s: mode %v owner %d:%d links %d, want mode %v owner %d:%d shared %v",
+					layered, rel, got, st.Uid, st.Gid, st.Nlink, mode, uid, gid, links > 0)
+			}
+			if data, err := os.ReadFile(filepath.Join(dst, rel)); err != nil || len(data) == 0 {
+				t.Errorf("%s: %q %v", rel, data, err)
+			}
+		}
+		check("build/.attr-x", 0o644, 4242, 4343, 0)
+		check("build/sub/f", 0o644, 4242, 4343, 0)
+		check("build/tool", 0o755, 4242, 4343, 0)
+		check("etc/hosts", 0o644, 0, 0, 1)  // the shared file
+		check("etc/passwd", 0o644, 0, 0, 0) // a copy
+		check("etc/group", 0o444, 0, 0, 1)  // the cache's
+		check("top", 0o444, 0, 0, 1)
+		if err := os.WriteFile(filepath.Join(dst, "build/.attr-x"), []byte("changed\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The cache is unchanged: a plain materialisation links its files.
+	dst := newDst(t)
+	if _, err := m.Materialize(ctx, root, dst, MaterializeOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if data, _ := os.ReadFile(filepath.Join(dst, "build/.attr-x")); string(data) != "hello\n" {
+		t.Errorf("the cache's file changed: %q", data)
+	}
+	if fi, err := os.Stat(filepath.Join(dst, "build/.attr-x")); err != nil || fi.Mode().Perm() != 0o444 {
+		t.Errorf("the cache's file mode: %v %v", fi.Mode(), err)
 	}
 }

@@ -61,6 +61,9 @@ type RuncOptions struct {
 	// HostPaths are the host files and directories the HostRoot layout
 	// mounts read-only (default DefaultHostPaths).
 	HostPaths []string
+	// BuildUsers are the host users and group that the builders of Nix
+	// actions (the Chroot layout) run as (default DefaultBuildUsers).
+	BuildUsers BuildUsers
 	// Logger receives warnings about cleanup; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -74,11 +77,50 @@ var DefaultHostPaths = []string{
 	"/etc/localtime", "/etc/ssl", "/etc/ca-certificates",
 }
 
+// BuildUsers are host ids for the builders of Nix actions, as Nix's
+// build-users-group (nixbld, with users nixbld1...) is: each sandbox of
+// the Chroot layout runs as a uid of its own from the range, with the
+// group, and sees them as uid 1000 and gid 100 in its user namespace. The
+// ids need no /etc/passwd entries, but no real user or group may have
+// them: a build can read what its host uid or gid can read.
+type BuildUsers struct {
+	// FirstUID and Count are the range of host uids; a sandbox holds one
+	// from its creation (prepared sandboxes included) to its destruction,
+	// so Count bounds the sandboxes of Nix actions that exist at once.
+	FirstUID, Count int
+	// GID is the host group of all of them. It owns (with root as owner)
+	// the root directory and /nix/store of their sandboxes.
+	GID int
+}
+
+// DefaultBuildUsers are ids far from those of real users (below 65536),
+// of subordinate id ranges (useradd allocates from 100000 up to
+// 600100000), of systemd-nspawn's containers (524288 to 1879048191) and
+// of Nix's auto-allocate-uids (872415232 onwards, 8388608 ids): systemd
+// leaves 0x70000000 to 0x7ffdffff unused.
+var DefaultBuildUsers = BuildUsers{FirstUID: 0x70000000, Count: 4096, GID: 0x70000000}
+
+func (u BuildUsers) check() error {
+	bad := func(id int) bool { return id <= 0 || id == 65534 || id == 65535 || id >= 1<<32-1 }
+	switch {
+	case u.Count <= 0:
+		return fmt.Errorf("sandbox: build users: count %d must be positive", u.Count)
+	case bad(u.FirstUID) || bad(u.FirstUID+u.Count-1) || u.FirstUID <= 65535 && u.FirstUID+u.Count-1 >= 65534:
+		return fmt.Errorf("sandbox: build users: uids %d to %d must not include root, nobody or -1", u.FirstUID, u.FirstUID+u.Count-1)
+	case bad(u.GID):
+		return fmt.Errorf("sandbox: build users: gid %d must not be root's, nogroup or -1", u.GID)
+	}
+	return nil
+}
+
 // Runc is the sandbox backend built on runc's libcontainer, embedded in
 // this binary: namespaces mount, pid, ipc, uts and (unless the shape asks
 // for the host's) network; a cgroup per sandbox with memory, pids and CPU
 // limits; uid 1000, gid 100, no capabilities, no new privileges and a
-// seccomp filter like Nix's; a read-only root.
+// seccomp filter like Nix's; a read-only root. Nix actions (the Chroot
+// layout) also get a user namespace, made by the stub (userns.go), in
+// which only uid 1000 and gid 100 exist, mapped to a host build user of
+// the sandbox's own and the build group (BuildUsers).
 type Runc struct {
 	opts     RuncOptions
 	log      *slog.Logger
@@ -97,6 +139,8 @@ type Runc struct {
 	pool      []*runcInstance // prepared, oldest first
 	preparing int
 	closed    bool
+	uids      map[int]bool // build uids held by sandboxes
+	nextUID   int          // where the search for a free one starts
 }
 
 // NewRunc sets the backend up: it recovers what a crashed executor left
@@ -121,6 +165,12 @@ func NewRunc(opts RuncOptions) (*Runc, error) {
 	if opts.HostPaths == nil {
 		opts.HostPaths = DefaultHostPaths
 	}
+	if opts.BuildUsers == (BuildUsers{}) {
+		opts.BuildUsers = DefaultBuildUsers
+	}
+	if err := opts.BuildUsers.check(); err != nil {
+		return nil, err
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.Default()
@@ -138,6 +188,7 @@ func NewRunc(opts RuncOptions) (*Runc, error) {
 		slots:    filepath.Join(opts.Dir, "slots"),
 		hostroot: filepath.Join(opts.Dir, "hostroot"),
 		exe:      exe,
+		uids:     make(map[int]bool),
 	}
 	for _, d := range []string{opts.Dir, opts.StateDir, b.slots} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
@@ -396,6 +447,10 @@ type runcInstance struct {
 	dir   string
 	root  string
 	warm  bool
+	// uid and gid are the host ids the command runs as; a build uid
+	// (ownUID) is returned to the range when the sandbox is destroyed.
+	uid, gid int
+	ownUID   bool
 
 	stdout, stderr *os.File
 	c              *libcontainer.Container
@@ -415,8 +470,37 @@ func newID() string {
 	return "tf-" + hex.EncodeToString(b[:])
 }
 
+// allocUID takes a free build uid.
+func (b *Runc) allocUID() (int, error) {
+	u := b.opts.BuildUsers
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for i := 0; i < u.Count; i++ {
+		uid := u.FirstUID + (b.nextUID+i)%u.Count
+		if !b.uids[uid] {
+			b.uids[uid] = true
+			b.nextUID = (b.nextUID + i + 1) % u.Count
+			return uid, nil
+		}
+	}
+	return 0, fmt.Errorf("sandbox: all %d build users (uids %d...) are in use", u.Count, u.FirstUID)
+}
+
+func (b *Runc) freeUID(uid int) {
+	b.mu.Lock()
+	delete(b.uids, uid)
+	b.mu.Unlock()
+}
+
 func (b *Runc) newInstance(s Shape) (*runcInstance, error) {
-	in := &runcInstance{b: b, id: newID(), shape: s}
+	in := &runcInstance{b: b, id: newID(), shape: s, uid: UID, gid: GID}
+	if s.Layout == Chroot {
+		uid, err := b.allocUID()
+		if err != nil {
+			return nil, err
+		}
+		in.uid, in.gid, in.ownUID = uid, b.opts.BuildUsers.GID, true
+	}
 	in.dir = filepath.Join(b.slots, in.id)
 	in.root = filepath.Join(in.dir, "root")
 	if err := os.MkdirAll(in.root, 0o755); err != nil {
@@ -447,6 +531,10 @@ func (b *Runc) newInstance(s Shape) (*runcInstance, error) {
 }
 
 func (in *runcInstance) InputRoot() string { return in.root }
+
+// BuildUser is the sandbox's build uid and the build group for the Chroot
+// layout, else uid 1000 and gid 100.
+func (in *runcInstance) BuildUser() (uid, gid int) { return in.uid, in.gid }
 
 // Overlay mounts the layers at the shape's overlay directory. In a
 // prepared sandbox the mount propagates into the container, whose copy of
@@ -518,11 +606,15 @@ func (in *runcInstance) create() (err error) {
 	}
 	in.ctl = fc.(*net.UnixConn)
 	nnp := true
+	env := []string{stubEnv + "=1"}
+	if in.shape.Layout == Chroot {
+		env = append(env, fmt.Sprintf("%s=%d:%d", stubUsernsEnv, UID, GID))
+	}
 	in.proc = &libcontainer.Process{
 		Args:            []string{fmt.Sprintf("/proc/self/fd/%d", stubExeFd), "sandbox-stub"},
-		Env:             []string{stubEnv + "=1"},
-		UID:             UID,
-		GID:             GID,
+		Env:             env,
+		UID:             in.uid,
+		GID:             in.gid,
 		Cwd:             "/",
 		Stdout:          in.stdout,
 		Stderr:          in.stderr,
@@ -816,6 +908,12 @@ func (in *runcInstance) release(refill bool) {
 			if in.proc != nil && !in.waiting {
 				in.proc.Wait() // reap the stub of a sandbox that ran nothing
 			}
+		}
+		if in.ownUID {
+			// No process of the sandbox is left: another may have the uid.
+			// (Its files, in the directory removed below, are not
+			// reachable from another sandbox.)
+			b.freeUID(in.uid)
 		}
 		if in.mounted {
 			if err := unmountUnder(in.dir); err != nil {

@@ -62,9 +62,14 @@ func TestRuncSmoke(t *testing.T) {
 	}
 	defer in.Release()
 	busyboxRoot(t, in.InputRoot())
-	os.Chown(filepath.Join(in.InputRoot(), "build"), UID, GID)
+	uid, gid := in.BuildUser()
+	if u := DefaultBuildUsers; uid < u.FirstUID || uid >= u.FirstUID+u.Count || gid != u.GID {
+		t.Fatalf("build user %d:%d is not one of the default build users", uid, gid)
+	}
+	build := filepath.Join(in.InputRoot(), "build")
+	os.Chown(build, uid, gid)
 	res, err := in.Run(context.Background(), &Command{
-		Args: []string{"/bin/sh", "-c", "echo out; echo err >&2; id; hostname; pwd; exit 3"},
+		Args: []string{"/bin/sh", "-c", "echo out; echo err >&2; echo $(id -u):$(id -g) $(cat /proc/self/setgroups) $(stat -c %u:%g /) >&2; touch made; exit 3"},
 		Env:  []string{"PATH=/bin"},
 		Dir:  "build",
 	})
@@ -74,8 +79,90 @@ func TestRuncSmoke(t *testing.T) {
 	t.Logf("%+v", res)
 	out, errs := readOut(t, res.Stdout), readOut(t, res.Stderr)
 	t.Logf("stdout=%q stderr=%q", out, errs)
-	if res.ExitCode != 3 || !strings.HasPrefix(out, "out\n") || errs != "err\n" {
+	// uid 1000 and gid 100 in a user namespace where root is unmapped.
+	if res.ExitCode != 3 || out != "out\n" || errs != "err\n1000:100 deny 65534:65534\n" {
 		t.Fatalf("exit %d, stdout %q, stderr %q", res.ExitCode, out, errs)
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(filepath.Join(build, "made"), &st); err != nil || int(st.Uid) != uid || int(st.Gid) != gid {
+		t.Errorf("a file the build made is owned by %d:%d (%v), want the build user %d:%d", st.Uid, st.Gid, err, uid, gid)
+	}
+}
+
+// TestBuildUsers checks that sandboxes of the Chroot layout have build
+// uids of their own, which return to the range when they are destroyed,
+// and that other layouts keep uid 1000.
+func TestBuildUsers(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the runc sandbox needs root")
+	}
+	users := BuildUsers{FirstUID: 0x7000f000, Count: 2, GID: 0x7000f000}
+	b, err := NewRunc(RuncOptions{Dir: t.TempDir(), BuildUsers: users})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	shape := Shape{Layout: Chroot, Writable: []string{"build"}}
+	acquire := func() Instance {
+		t.Helper()
+		in, err := b.Acquire(context.Background(), shape)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return in
+	}
+	in1, in2 := acquire(), acquire()
+	u1, g1 := in1.BuildUser()
+	u2, g2 := in2.BuildUser()
+	if u1 == u2 || min(u1, u2) != users.FirstUID || max(u1, u2) != users.FirstUID+1 || g1 != users.GID || g2 != users.GID {
+		t.Fatalf("build users %d:%d and %d:%d", u1, g1, u2, g2)
+	}
+	if _, err := b.Acquire(context.Background(), shape); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("a third sandbox with two build users: %v", err)
+	}
+	if in, err := b.Acquire(context.Background(), Shape{Layout: HostRoot}); err != nil {
+		t.Fatal(err)
+	} else if u, g := in.BuildUser(); u != UID || g != GID {
+		t.Errorf("host-root sandbox: build user %d:%d, want %d:%d", u, g, UID, GID)
+	} else {
+		in.Release()
+	}
+	in1.Release()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		in, err := b.Acquire(context.Background(), shape)
+		if err == nil {
+			if u, _ := in.BuildUser(); u != u1 {
+				t.Errorf("got uid %d, want the released %d", u, u1)
+			}
+			in.Release()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the released sandbox's uid did not return: %v", err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	in2.Release()
+}
+
+func TestBuildUsersCheck(t *testing.T) {
+	for _, u := range []BuildUsers{
+		{FirstUID: 0, Count: 10, GID: 5000},
+		{FirstUID: 65000, Count: 1000, GID: 5000},
+		{FirstUID: 70000, Count: 0, GID: 5000},
+		{FirstUID: 70000, Count: 10, GID: 0},
+		{FirstUID: 70000, Count: 10, GID: 65534},
+		{FirstUID: 1<<32 - 10, Count: 10, GID: 5000},
+	} {
+		if err := u.check(); err == nil {
+			t.Errorf("%+v accepted", u)
+		}
+	}
+	for _, u := range []BuildUsers{DefaultBuildUsers, {FirstUID: 999, Count: 1, GID: 994}} {
+		if err := u.check(); err != nil {
+			t.Errorf("%+v: %v", u, err)
+		}
 	}
 }
 
@@ -344,9 +431,10 @@ func TestOverlay(t *testing.T) {
 				t.Fatal(err)
 			}
 			store := filepath.Join(in.InputRoot(), "nix/store")
-			os.Chown(store, 0, GID)
+			uid, gid := in.BuildUser()
+			os.Chown(store, 0, gid)
 			os.Chmod(store, 0o1775)
-			os.Chown(filepath.Join(in.InputRoot(), "build"), UID, GID)
+			os.Chown(filepath.Join(in.InputRoot(), "build"), uid, gid)
 			last := tc.layers - 1
 			script := fmt.Sprintf(`ls /nix/store | wc -l; cat /nix/store/p0/f /nix/store/p%d/f
 echo x > /nix/store/p0/f 2>/dev/null && echo wrote-input

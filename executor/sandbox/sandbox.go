@@ -22,7 +22,12 @@ import (
 	"time"
 )
 
-// The identity a sandboxed command runs as: Nix's nixbld user and group.
+// The identity a sandboxed command has: Nix's nixbld user and group. A
+// Nix action (the Chroot layout) has it inside a user namespace of its
+// own, as under Nix: there it is uid 1000 and gid 100, mapped to a host
+// build user and group of the backend (Instance.BuildUser), and every
+// other host id shows as nobody (65534) and nogroup (65534). Other
+// actions run as host uid 1000 and gid 100, with no user namespace.
 const (
 	UID = 1000
 	GID = 100
@@ -234,6 +239,12 @@ type Instance interface {
 	// InputRoot is the host directory to fill with the input root. It
 	// may already contain the writable directories and mountpoints.
 	InputRoot() string
+	// BuildUser is the host uid and gid the command runs as (outside its
+	// user namespace, if it has one). Files and directories that belong to
+	// the build user (its working directory) must be owned by them; those
+	// the build may add entries to but not own (/nix/store) belong to root
+	// and this group.
+	BuildUser() (uid, gid int)
 	// Overlay mounts, at the shape's Overlay directory, an overlay of the
 	// layers (host directories whose entries must not collide) below a
 	// writable upper layer, before Run. The layers must stay unchanged

@@ -25,7 +25,9 @@ import (
 //
 // The stub is this very binary (runc executes /proc/self/fd/3, an fd of
 // the executor's own executable), entered through init() below before
-// main runs.
+// main runs. A stub of the Chroot layout (a Nix action) has first, before
+// the Go runtime started, entered a user namespace of its own in which it
+// is uid 1000 and gid 100 (userns.go); so is the command it execs.
 //
 // Protocol on fd 4 (a unix stream socket, the other end held by the
 // executor):

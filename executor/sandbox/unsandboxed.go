@@ -102,6 +102,9 @@ type plainInstance struct {
 
 func (in *plainInstance) InputRoot() string { return in.root }
 
+// BuildUser is uid 1000 and gid 100, which Run uses when it runs as root.
+func (in *plainInstance) BuildUser() (uid, gid int) { return UID, GID }
+
 // Overlay is not supported: Acquire refuses shapes with an overlay.
 func (in *plainInstance) Overlay(layers []string, done func()) error {
 	if done != nil {
