@@ -3,6 +3,7 @@ package sandbox
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"debug/elf"
 	"encoding/binary"
 	"encoding/hex"
@@ -48,7 +49,9 @@ type RuncOptions struct {
 	// StateDir is libcontainer's state root (default Dir/state).
 	StateDir string
 	// CgroupParent is the cgroup, relative to the executor's own, under
-	// which each sandbox gets its own (default "tvixfarm").
+	// which each sandbox gets its own. It must be this backend's alone:
+	// at start, every process in it is killed (default "tvixfarm/" and a
+	// hash of Dir, so backends with different directories never meet).
 	CgroupParent string
 	// Prewarm is how many sandboxes to keep prepared ahead of time
 	// (0: none; sandboxes are then created when a command runs).
@@ -160,7 +163,11 @@ func NewRunc(opts RuncOptions) (*Runc, error) {
 		opts.StateDir = filepath.Join(opts.Dir, "state")
 	}
 	if opts.CgroupParent == "" {
-		opts.CgroupParent = "tvixfarm"
+		p, err := defaultCgroupParent(opts.Dir)
+		if err != nil {
+			return nil, err
+		}
+		opts.CgroupParent = p
 	}
 	if opts.HostPaths == nil {
 		opts.HostPaths = DefaultHostPaths
@@ -243,6 +250,19 @@ func checkStatic(exe string) error {
 		}
 	}
 	return nil
+}
+
+// defaultCgroupParent is the cgroup parent of a backend in dir. Recovery
+// kills everything under the parent, so executors that share a host (a
+// local cluster, parallel tests) must not share it; a restarted executor
+// (the same dir) finds its own.
+func defaultCgroupParent(dir string) (string, error) {
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", fmt.Errorf("sandbox: %w", err)
+	}
+	sum := sha256.Sum256([]byte(abs))
+	return "tvixfarm/" + hex.EncodeToString(sum[:6]), nil
 }
 
 // recover destroys the containers and removes the directories that an

@@ -256,9 +256,11 @@ func TestRecoverAfterKilledExecutor(t *testing.T) {
 	if ms := mountsUnder(t, dir); len(ms) != 0 {
 		t.Errorf("mounts left: %q", ms)
 	}
-	// Only this container's cgroup: other packages' tests run sandboxes
-	// under the same parent at the same time.
-	if cg := filepath.Join("/sys/fs/cgroup/pids/tvixfarm", id); id == "" {
+	parent, err := defaultCgroupParent(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cg := filepath.Join("/sys/fs/cgroup/pids", parent, id); id == "" {
 		t.Error("child did not report its container id")
 	} else if _, err := os.Stat(cg); err == nil {
 		t.Errorf("cgroup %s of the killed executor's container was not removed", cg)
@@ -531,4 +533,50 @@ func zombies(t *testing.T) int {
 		}
 	}
 	return n
+}
+
+// TestBackendsShareHost starts a second backend (another directory, as a
+// second executor on the host has) while a sandbox of the first runs a
+// command: the second's recovery must leave it alone.
+func TestBackendsShareHost(t *testing.T) {
+	a := newTestRunc(t, 0)
+	in, err := a.Acquire(context.Background(), Shape{Layout: Chroot, Writable: []string{"build"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer in.Release()
+	busyboxRoot(t, in.InputRoot())
+	uid, gid := in.BuildUser()
+	os.Chown(filepath.Join(in.InputRoot(), "build"), uid, gid)
+	type result struct {
+		res *Result
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		res, err := in.Run(context.Background(), &Command{
+			Args: []string{"/bin/sh", "-c", "touch started; sleep 1; echo survived"},
+			Env:  []string{"PATH=/bin"},
+			Dir:  "build",
+		})
+		done <- result{res, err}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(filepath.Join(in.InputRoot(), "build/started")); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the command did not start")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	newTestRunc(t, 0) // recovers its own directory
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if out := readOut(t, r.res.Stdout); r.res.ExitCode != 0 || out != "survived\n" {
+		t.Fatalf("the first backend's command: exit %d, stdout %q", r.res.ExitCode, out)
+	}
 }
