@@ -5,9 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"debug/elf"
-	"encoding/binary"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -719,15 +717,11 @@ func (in *runcInstance) Run(ctx context.Context, cmd *Command) (*Result, error) 
 	if cmd.Argv0 != "" {
 		args[0] = cmd.Argv0
 	}
-	req, err := json.Marshal(stubRequest{Path: cmd.Args[0], Args: args, Env: cmd.Env, Dir: path.Clean(dir), PTY: cmd.PTY})
-	if err != nil {
-		return nil, err
+	msg := encodeStubRequest(stubRequest{Path: cmd.Args[0], Args: args, Env: cmd.Env, Dir: path.Clean(dir), PTY: cmd.PTY})
+	if len(msg)-4 > maxStubRequest {
+		return nil, fmt.Errorf("sandbox: command and environment too large (%d bytes)", len(msg)-4)
 	}
-	if len(req) > maxStubRequest {
-		return nil, fmt.Errorf("sandbox: command and environment too large (%d bytes)", len(req))
-	}
-	msg := binary.LittleEndian.AppendUint32(make([]byte, 0, 4+len(req)), uint32(len(req)))
-	if _, err := in.ctl.Write(append(msg, req...)); err != nil {
+	if _, err := in.ctl.Write(msg); err != nil {
 		return nil, fmt.Errorf("sandbox: send command to stub: %w", err)
 	}
 

@@ -580,3 +580,55 @@ func TestBackendsShareHost(t *testing.T) {
 		t.Fatalf("the first backend's command: exit %d, stdout %q", r.res.ExitCode, out)
 	}
 }
+
+// TestStubCommandFailures checks the stub's answers for commands that
+// cannot start (exit 127 and the reason on stderr, as a result, not a
+// sandbox error), its PATH search, and the pty.
+func TestStubCommandFailures(t *testing.T) {
+	b := newTestRunc(t, 0)
+	for _, c := range []struct {
+		name string
+		cmd  Command
+		code int
+		out  string // stdout, or a substring of stderr for failures
+	}{
+		{"path search", Command{Args: []string{"sh", "-c", "echo $0"}, Env: []string{"PATH=/nowhere::/bin"}}, 0, "sh\n"},
+		{"argv0", Command{Args: []string{"/bin/busybox", "-c", "echo $0"}, Argv0: "sh"}, 0, "sh\n"}, // busybox runs the applet argv[0] names
+		{"env", Command{Args: []string{"/bin/sh", "-c", "echo \"$A|$B\""}, Env: []string{"A=x y", "B="}}, 0, "x y|\n"},
+		{"not in PATH", Command{Args: []string{"nope"}, Env: []string{"PATH=/bin"}}, 127, `nope: command not found in PATH "/bin"`},
+		{"missing", Command{Args: []string{"/bin/nope"}}, 127, "stat /bin/nope: no such file or directory"},
+		{"directory", Command{Args: []string{"/bin"}}, 127, "exec /bin: is a directory"},
+		{"not executable", Command{Args: []string{"/build/data"}}, 127, "exec /build/data: permission denied"},
+		{"NUL in an argument", Command{Args: []string{"/bin/sh", "a\x00b"}}, 127, "exec /bin/sh: invalid argument"},
+		{"working directory", Command{Args: []string{"/bin/sh"}, Dir: "nope"}, 127, "working directory /nope: no such file or directory"},
+		{"pty", Command{Args: []string{"/bin/sh", "-c", "[ -t 1 ] && [ -t 2 ] && [ ! -t 0 ] && readlink /proc/self/fd/1"}, PTY: true}, 0, "/dev/pts/0\n"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			in, err := b.Acquire(context.Background(), Shape{Layout: Chroot, Writable: []string{"build"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer in.Release()
+			busyboxRoot(t, in.InputRoot())
+			uid, gid := in.BuildUser()
+			build := filepath.Join(in.InputRoot(), "build")
+			os.Chown(build, uid, gid)
+			os.WriteFile(filepath.Join(build, "data"), []byte("x"), 0o644)
+			cmd := c.cmd
+			if cmd.Dir == "" {
+				cmd.Dir = "build"
+			}
+			res, err := in.Run(context.Background(), &cmd)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, errs := readOut(t, res.Stdout), readOut(t, res.Stderr)
+			if res.ExitCode != c.code {
+				t.Fatalf("exit %d, stdout %q, stderr %q", res.ExitCode, out, errs)
+			}
+			if c.code == 0 && out != c.out || c.code != 0 && !strings.Contains(errs, c.out) {
+				t.Errorf("stdout %q, stderr %q, want %q", out, errs, c.out)
+			}
+		})
+	}
+}

@@ -2,10 +2,8 @@ package sandbox
 
 import (
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,16 +22,16 @@ import (
 // survives the execve.
 //
 // The stub is this very binary (runc executes /proc/self/fd/3, an fd of
-// the executor's own executable), entered through init() below before
-// main runs. A stub of the Chroot layout (a Nix action) has first, before
-// the Go runtime started, entered a user namespace of its own in which it
-// is uid 1000 and gid 100 (userns.go); so is the command it execs.
+// the executor's own executable), written in C and run from a constructor
+// before the Go runtime starts (stubc.go). A stub of the Chroot layout (a
+// Nix action) first enters a user namespace of its own in which it is uid
+// 1000 and gid 100; so is the command it execs.
 //
 // Protocol on fd 4 (a unix stream socket, the other end held by the
 // executor):
 //
 //	stub → executor: 'R'                       ready
-//	executor → stub: uint32 length, JSON stubRequest
+//	executor → stub: uint32 length, request    (encodeStubRequest)
 //	stub → executor: 'P' + SCM_RIGHTS(master)  only for PTY requests
 //	stub → executor: 'E' + message             when the command cannot start
 //	EOF                                        the command was exec'ed
@@ -45,118 +43,47 @@ const (
 
 // stubRequest is what the executor sends the stub.
 type stubRequest struct {
-	Path string   `json:"path"` // program to execve, absolute or relative to Dir
-	Args []string `json:"args"`
-	Env  []string `json:"env"`
-	Dir  string   `json:"dir"` // absolute, inside the sandbox
-	PTY  bool     `json:"pty"`
+	Path string // program to execve, absolute or relative to Dir
+	Args []string
+	Env  []string
+	Dir  string // absolute, inside the sandbox
+	PTY  bool
 }
 
-// maxStubRequest bounds a request (Linux's ARG_MAX is 2 MiB for argv+env;
-// JSON escaping can grow it).
+// maxStubRequest bounds a request (Linux's ARG_MAX is 2 MiB for argv+env).
 const maxStubRequest = 16 << 20
 
-func init() {
-	if os.Getenv(stubEnv) == "1" && len(os.Args) > 1 && os.Args[1] == "sandbox-stub" {
-		stubMain()
+// encodeStubRequest frames r for the stub: a little-endian uint32 length,
+// then a PTY byte, Path and Dir, then Args and Env as a uint32 count and
+// strings; each string is a uint32 length and its bytes.
+func encodeStubRequest(r stubRequest) []byte {
+	n := 4 + 1 + 8 + len(r.Path) + len(r.Dir) + 8
+	for _, s := range r.Args {
+		n += 4 + len(s)
 	}
-}
-
-// stubMain never returns.
-func stubMain() {
-	unix.Close(stubExeFd)
-	ctl := os.NewFile(stubCtlFd, "ctl")
-	fail := func(format string, args ...any) {
-		msg := fmt.Sprintf(format, args...)
-		ctl.Write(append([]byte{'E'}, msg...))
-		os.Exit(127)
+	for _, s := range r.Env {
+		n += 4 + len(s)
 	}
-	if _, err := ctl.Write([]byte{'R'}); err != nil {
-		os.Exit(126)
+	b := make([]byte, 4, n)
+	pty := byte(0)
+	if r.PTY {
+		pty = 1
 	}
-	var n uint32
-	if err := binary.Read(ctl, binary.LittleEndian, &n); err != nil {
-		os.Exit(126) // the executor went away: this sandbox is being destroyed
+	b = append(b, pty)
+	str := func(s string) {
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(s)))
+		b = append(b, s...)
 	}
-	if n > maxStubRequest {
-		fail("request too large")
-	}
-	buf := make([]byte, n)
-	if _, err := io.ReadFull(ctl, buf); err != nil {
-		os.Exit(126)
-	}
-	var req stubRequest
-	if err := json.Unmarshal(buf, &req); err != nil {
-		fail("bad request: %v", err)
-	}
-	if err := unix.Chdir(req.Dir); err != nil {
-		fail("working directory %s: %v", req.Dir, err)
-	}
-	unix.Setsid()
-	null, err := unix.Open("/dev/null", unix.O_RDONLY, 0)
-	if err != nil {
-		fail("open /dev/null: %v", err)
-	}
-	unix.Dup2(null, 0)
-	unix.Close(null)
-	if req.PTY {
-		master, slave, err := openPTY()
-		if err != nil {
-			fail("pty: %v", err)
+	str(r.Path)
+	str(r.Dir)
+	for _, l := range [][]string{r.Args, r.Env} {
+		b = binary.LittleEndian.AppendUint32(b, uint32(len(l)))
+		for _, s := range l {
+			str(s)
 		}
-		rights := unix.UnixRights(master)
-		if err := unix.Sendmsg(stubCtlFd, []byte{'P'}, rights, nil, 0); err != nil {
-			os.Exit(126)
-		}
-		unix.Close(master)
-		unix.Dup2(slave, 1)
-		unix.Dup2(slave, 2)
-		unix.Close(slave)
 	}
-	prog, err := lookPath(req.Path, req.Env)
-	if err != nil {
-		fail("%v", err)
-	}
-	// The control socket must not survive into the command: its closing
-	// tells the executor that the exec happened.
-	unix.CloseOnExec(stubCtlFd)
-	err = unix.Exec(prog, req.Args, req.Env)
-	fail("exec %s: %v", req.Path, err)
-}
-
-// openPTY opens a pseudo-terminal pair in the sandbox's own devpts (so
-// the command sees /dev/pts/0, as under Nix) and puts it in raw mode, so
-// the log keeps tabs, CRs and newlines byte-exact.
-func openPTY() (master, slave int, err error) {
-	master, err = unix.Open("/dev/ptmx", unix.O_RDWR|unix.O_NOCTTY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return -1, -1, err
-	}
-	if err := unix.IoctlSetPointerInt(master, unix.TIOCSPTLCK, 0); err != nil {
-		return -1, -1, fmt.Errorf("unlockpt: %w", err)
-	}
-	n, err := unix.IoctlGetInt(master, unix.TIOCGPTN)
-	if err != nil {
-		return -1, -1, fmt.Errorf("ptsname: %w", err)
-	}
-	slave, err = unix.Open(fmt.Sprintf("/dev/pts/%d", n), unix.O_RDWR|unix.O_NOCTTY, 0)
-	if err != nil {
-		return -1, -1, err
-	}
-	t, err := unix.IoctlGetTermios(slave, unix.TCGETS)
-	if err != nil {
-		return -1, -1, err
-	}
-	// cfmakeraw
-	t.Iflag &^= unix.IGNBRK | unix.BRKINT | unix.PARMRK | unix.ISTRIP | unix.INLCR | unix.IGNCR | unix.ICRNL | unix.IXON
-	t.Oflag &^= unix.OPOST
-	t.Lflag &^= unix.ECHO | unix.ECHONL | unix.ICANON | unix.ISIG | unix.IEXTEN
-	t.Cflag &^= unix.CSIZE | unix.PARENB
-	t.Cflag |= unix.CS8
-	if err := unix.IoctlSetTermios(slave, unix.TCSETS, t); err != nil {
-		return -1, -1, err
-	}
-	return master, slave, nil
+	binary.LittleEndian.PutUint32(b, uint32(len(b)-4))
+	return b
 }
 
 // lookPath resolves the program as REAPI specifies: a path with a slash

@@ -1,0 +1,372 @@
+package sandbox
+
+// The stub, in C. It runs from a constructor, before the Go runtime
+// starts, in every process of this binary, and does nothing unless the
+// environment marks the process as a stub (stubEnv). A stub never starts
+// the Go runtime: it enters the user namespace if asked, speaks the
+// protocol of stub.go on the control socket and replaces itself with the
+// command, or exits. Starting this binary's Go runtime and package
+// initialisers costs about 11 ms of CPU, once per action.
+//
+// The user namespace of a Nix action's builder, as Nix's sandbox gives it:
+// the builder is uid 1000 and gid 100 in a user namespace that maps only
+// these two ids, to the host build user and group of its sandbox, with
+// setgroups denied. Everything owned by another host id (root's files,
+// devices, /proc) shows as nobody/nogroup, the build group as nixbld.
+//
+// runc cannot make that namespace: as root it requires container uid 0 to
+// be mapped and never denies setgroups. So the stub makes it itself, as
+// the unprivileged build user, which may map exactly its own uid and gid.
+// unshare(CLONE_NEWUSER) refuses multithreaded callers, and the Go runtime
+// starts threads before any Go code runs, which is one more reason for C.
+//
+// The stub has every capability in its new namespace; it drops them all,
+// including the bounding set, first. The namespace owns no other
+// namespace (the container's mount, pid, uts, ipc and network namespaces
+// belong to the host's), so nothing of the sandbox can be changed with
+// them anyway. A stub that fails before it could report on the control
+// socket exits with 126 and the reason on stderr, which the executor
+// reports.
+
+/*
+#cgo CFLAGS: -Wall
+#define _GNU_SOURCE
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/uio.h>
+#include <termios.h>
+#include <unistd.h>
+#include <linux/capability.h>
+
+#define TF_EXE_FD 3
+#define TF_CTL_FD 4
+#define TF_MAX_REQUEST (16 << 20)
+
+static void tf_write_all(int fd, const char *p, size_t n) {
+	while (n > 0) {
+		ssize_t w = write(fd, p, n);
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		p += w;
+		n -= (size_t)w;
+	}
+}
+
+// tf_early_fail reports on stderr and exits 126: the sandbox, not the
+// command, failed.
+static void tf_early_fail(const char *what) {
+	int e = errno;
+	char buf[512];
+	int n = snprintf(buf, sizeof buf, "tvixfarm sandbox stub: user namespace: %s: %s\n", what, strerror(e));
+	if (n > (int)sizeof buf - 1)
+		n = sizeof buf - 1;
+	if (n > 0)
+		tf_write_all(2, buf, (size_t)n);
+	_exit(126);
+}
+
+// tf_errstr is strerror as Go spells it (lower case), so messages read as
+// the Go executor's do.
+static const char *tf_errstr(int e) {
+	static char buf[128];
+	snprintf(buf, sizeof buf, "%s", strerror(e));
+	buf[0] = (char)tolower((unsigned char)buf[0]);
+	return buf;
+}
+
+// tf_fail reports why the command cannot start ('E' and the message) and
+// exits 127: the command's own failure.
+static void tf_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void tf_fail(const char *fmt, ...) {
+	char buf[4096];
+	buf[0] = 'E';
+	va_list ap;
+	va_start(ap, fmt);
+	int n = vsnprintf(buf + 1, sizeof buf - 1, fmt, ap);
+	va_end(ap);
+	if (n < 0)
+		n = 0;
+	if (n > (int)sizeof buf - 2)
+		n = sizeof buf - 2;
+	tf_write_all(TF_CTL_FD, buf, (size_t)n + 1);
+	_exit(127);
+}
+
+static void tf_userns_write(const char *path, const char *data) {
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		tf_early_fail(path);
+	size_t len = strlen(data);
+	if (write(fd, data, len) != (ssize_t)len)
+		tf_early_fail(path);
+	close(fd);
+}
+
+static void tf_userns(const char *ids) {
+	unsigned int inUID, inGID;
+	char extra;
+	if (sscanf(ids, "%u:%u%c", &inUID, &inGID, &extra) != 2) {
+		errno = EINVAL;
+		tf_early_fail("_TVIXFARM_SANDBOX_USERNS");
+	}
+	unsigned int uid = geteuid(), gid = getegid();
+	if (unshare(CLONE_NEWUSER) < 0)
+		tf_early_fail("unshare (are unprivileged user namespaces disabled on this host?)");
+	char buf[64];
+	tf_userns_write("/proc/self/setgroups", "deny");
+	snprintf(buf, sizeof buf, "%u %u 1\n", inUID, uid);
+	tf_userns_write("/proc/self/uid_map", buf);
+	snprintf(buf, sizeof buf, "%u %u 1\n", inGID, gid);
+	tf_userns_write("/proc/self/gid_map", buf);
+	for (int c = 0; c < 64; c++) {
+		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+			tf_early_fail("drop the capability bounding set");
+	}
+	struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct data[2];
+	memset(data, 0, sizeof data);
+	if (syscall(SYS_capset, &hdr, data) < 0)
+		tf_early_fail("drop capabilities");
+}
+
+// tf_read_full reads exactly n bytes; 0 on success.
+static int tf_read_full(int fd, void *p, size_t n) {
+	char *c = p;
+	while (n > 0) {
+		ssize_t r = read(fd, c, n);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -1;
+		c += r;
+		n -= (size_t)r;
+	}
+	return 0;
+}
+
+// tf_req is a decoded request (see encodeStubRequest in stub.go).
+struct tf_req {
+	int pty;
+	char *path, *dir;
+	char **argv, **envp;
+	int bad; // a string contains NUL: exec fails with EINVAL
+};
+
+struct tf_cursor {
+	const unsigned char *p, *end;
+};
+
+static int tf_u32(struct tf_cursor *c, uint32_t *v) {
+	if (c->end - c->p < 4)
+		return -1;
+	*v = (uint32_t)c->p[0] | (uint32_t)c->p[1] << 8 | (uint32_t)c->p[2] << 16 | (uint32_t)c->p[3] << 24;
+	c->p += 4;
+	return 0;
+}
+
+static char *tf_str(struct tf_cursor *c, int *bad) {
+	uint32_t n;
+	if (tf_u32(c, &n) < 0 || (uint64_t)(c->end - c->p) < n)
+		tf_fail("bad request: truncated");
+	char *s = malloc((size_t)n + 1);
+	if (s == NULL)
+		tf_fail("bad request: out of memory");
+	memcpy(s, c->p, n);
+	s[n] = 0;
+	if (memchr(c->p, 0, n) != NULL)
+		*bad = 1;
+	c->p += n;
+	return s;
+}
+
+static char **tf_strs(struct tf_cursor *c, int *bad) {
+	uint32_t n;
+	if (tf_u32(c, &n) < 0 || n > (uint32_t)(c->end - c->p) / 4)
+		tf_fail("bad request: truncated");
+	char **v = calloc((size_t)n + 1, sizeof *v);
+	if (v == NULL)
+		tf_fail("bad request: out of memory");
+	for (uint32_t i = 0; i < n; i++)
+		v[i] = tf_str(c, bad);
+	return v;
+}
+
+static void tf_decode(const unsigned char *buf, size_t n, struct tf_req *r) {
+	struct tf_cursor c = {buf, buf + n};
+	memset(r, 0, sizeof *r);
+	if (c.p == c.end)
+		tf_fail("bad request: empty");
+	r->pty = *c.p++ != 0;
+	r->path = tf_str(&c, &r->bad);
+	r->dir = tf_str(&c, &r->bad);
+	r->argv = tf_strs(&c, &r->bad);
+	r->envp = tf_strs(&c, &r->bad);
+	if (c.p != c.end)
+		tf_fail("bad request: trailing bytes");
+}
+
+// tf_executable is stub.go's executable: 0, or an errno with the failed
+// operation in *op.
+static int tf_executable(const char *p, const char **op) {
+	struct stat st;
+	if (stat(p, &st) < 0) {
+		*op = "stat";
+		return errno;
+	}
+	*op = "exec";
+	if (S_ISDIR(st.st_mode))
+		return EISDIR;
+	if (access(p, X_OK) < 0)
+		return errno;
+	return 0;
+}
+
+// tf_lookpath is stub.go's lookPath.
+static char *tf_lookpath(const char *p, char **envp) {
+	const char *op;
+	int e;
+	if (*p == 0)
+		tf_fail("empty program name");
+	if (strchr(p, '/') != NULL) {
+		if ((e = tf_executable(p, &op)) != 0)
+			tf_fail("%s %s: %s", op, p, tf_errstr(e));
+		return (char *)p;
+	}
+	const char *path = "";
+	for (char **kv = envp; *kv != NULL; kv++) {
+		if (strncmp(*kv, "PATH=", 5) == 0)
+			path = *kv + 5;
+	}
+	const char *dir = path;
+	for (;;) {
+		const char *colon = strchr(dir, ':');
+		size_t dl = colon ? (size_t)(colon - dir) : strlen(dir);
+		char *cand = malloc(dl + strlen(p) + 3);
+		if (cand == NULL)
+			tf_fail("out of memory");
+		if (dl == 0)
+			sprintf(cand, "./%s", p);
+		else
+			sprintf(cand, "%.*s/%s", (int)dl, dir, p);
+		if (tf_executable(cand, &op) == 0)
+			return cand;
+		free(cand);
+		if (colon == NULL)
+			break;
+		dir = colon + 1;
+	}
+	tf_fail("%s: command not found in PATH \"%s\"", p, path);
+}
+
+// tf_pty opens a pseudo-terminal pair in the sandbox's own devpts (so the
+// command sees /dev/pts/0) in raw mode, so the log keeps tabs, CRs and
+// newlines byte-exact, hands the master to the executor ('P' with
+// SCM_RIGHTS) and makes the slave the command's stdout and stderr.
+static void tf_pty(void) {
+	int master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC);
+	if (master < 0)
+		tf_fail("pty: open /dev/ptmx: %s", tf_errstr(errno));
+	int unlock = 0, n;
+	if (ioctl(master, TIOCSPTLCK, &unlock) < 0)
+		tf_fail("pty: unlockpt: %s", tf_errstr(errno));
+	if (ioctl(master, TIOCGPTN, &n) < 0)
+		tf_fail("pty: ptsname: %s", tf_errstr(errno));
+	char name[64];
+	snprintf(name, sizeof name, "/dev/pts/%d", n);
+	int slave = open(name, O_RDWR | O_NOCTTY);
+	if (slave < 0)
+		tf_fail("pty: open %s: %s", name, tf_errstr(errno));
+	struct termios t;
+	if (tcgetattr(slave, &t) < 0)
+		tf_fail("pty: tcgetattr: %s", tf_errstr(errno));
+	cfmakeraw(&t);
+	if (tcsetattr(slave, TCSANOW, &t) < 0)
+		tf_fail("pty: tcsetattr: %s", tf_errstr(errno));
+	char tag = 'P';
+	struct iovec iov = {&tag, 1};
+	union {
+		char buf[CMSG_SPACE(sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	memset(&u, 0, sizeof u);
+	struct msghdr msg = {0};
+	msg.msg_iov = &iov;
+	msg.msg_iovlen = 1;
+	msg.msg_control = u.buf;
+	msg.msg_controllen = sizeof u.buf;
+	struct cmsghdr *cm = CMSG_FIRSTHDR(&msg);
+	cm->cmsg_level = SOL_SOCKET;
+	cm->cmsg_type = SCM_RIGHTS;
+	cm->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(cm), &master, sizeof(int));
+	if (sendmsg(TF_CTL_FD, &msg, 0) < 0)
+		_exit(126);
+	close(master);
+	dup2(slave, 1);
+	dup2(slave, 2);
+	close(slave);
+}
+
+__attribute__((constructor)) static void tvixfarm_stub(void) {
+	const char *stub = getenv("_TVIXFARM_SANDBOX_STUB");
+	if (stub == NULL || strcmp(stub, "1") != 0)
+		return;
+	const char *ids = getenv("_TVIXFARM_SANDBOX_USERNS");
+	if (ids != NULL)
+		tf_userns(ids);
+	close(TF_EXE_FD);
+	if (write(TF_CTL_FD, "R", 1) != 1)
+		_exit(126);
+	unsigned char len[4];
+	if (tf_read_full(TF_CTL_FD, len, 4) < 0)
+		_exit(126); // the executor went away: this sandbox is being destroyed
+	uint32_t n = (uint32_t)len[0] | (uint32_t)len[1] << 8 | (uint32_t)len[2] << 16 | (uint32_t)len[3] << 24;
+	if (n > TF_MAX_REQUEST)
+		tf_fail("request too large");
+	unsigned char *buf = malloc(n ? n : 1);
+	if (buf == NULL)
+		tf_fail("out of memory");
+	if (tf_read_full(TF_CTL_FD, buf, n) < 0)
+		_exit(126);
+	struct tf_req r;
+	tf_decode(buf, n, &r);
+	if (chdir(r.dir) < 0)
+		tf_fail("working directory %s: %s", r.dir, tf_errstr(errno));
+	setsid();
+	int null = open("/dev/null", O_RDONLY);
+	if (null < 0)
+		tf_fail("open /dev/null: %s", tf_errstr(errno));
+	dup2(null, 0);
+	close(null);
+	if (r.pty)
+		tf_pty();
+	char *prog = tf_lookpath(r.path, r.envp);
+	if (r.bad)
+		tf_fail("exec %s: %s", r.path, tf_errstr(EINVAL));
+	// The control socket must not survive into the command: its closing
+	// tells the executor that the exec happened.
+	fcntl(TF_CTL_FD, F_SETFD, FD_CLOEXEC);
+	execve(prog, r.argv, r.envp);
+	tf_fail("exec %s: %s", r.path, tf_errstr(errno));
+}
+*/
+import "C"
+
+// stubUsernsEnv, set in the stub's environment to "UID:GID", makes the
+// stub enter a user namespace in which its host uid and gid are UID and
+// GID.
+const stubUsernsEnv = "_TVIXFARM_SANDBOX_USERNS"
