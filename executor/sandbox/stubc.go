@@ -321,9 +321,10 @@ static void tf_pty(void) {
 	close(slave);
 }
 
-__attribute__((constructor)) static void tvixfarm_stub(void) {
+// glibc passes argc, argv and envp to constructors, in static binaries too.
+__attribute__((constructor)) static void tvixfarm_stub(int argc, char **argv, char **envp) {
 	const char *stub = getenv("_TVIXFARM_SANDBOX_STUB");
-	if (stub == NULL || strcmp(stub, "1") != 0)
+	if (stub == NULL || strcmp(stub, "1") != 0 || argc < 2 || strcmp(argv[1], "sandbox-stub") != 0)
 		return;
 	const char *ids = getenv("_TVIXFARM_SANDBOX_USERNS");
 	if (ids != NULL)
