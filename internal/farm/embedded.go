@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"time"
 
 	"tvixfarm/internal/config"
 )
@@ -19,6 +20,10 @@ type Embedded struct {
 	done chan error
 }
 
+// embeddedPlatformGrace is the embedded farm's scheduler.platform_grace
+// unless the configuration sets one.
+const embeddedPlatformGrace = 5 * time.Second
+
 // StartEmbedded starts cfg (its listen address and metrics listener are
 // replaced: a free loopback port, no metrics, no binary cache) with every
 // role, and returns once it serves.
@@ -29,6 +34,12 @@ func StartEmbedded(cfg *config.Config, log *slog.Logger) (*Embedded, error) {
 	noHTTP := ""
 	c.BinaryCache.Listen = &noHTTP
 	c.Role = "all"
+	if c.Scheduler.PlatformGrace == 0 {
+		// The only worker is in this process and registers at once: an
+		// action no worker can run fails after seconds, not the 30 s a
+		// cluster gives its executors to start.
+		c.Scheduler.PlatformGrace = config.Duration(embeddedPlatformGrace)
+	}
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
