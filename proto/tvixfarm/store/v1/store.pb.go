@@ -17,6 +17,7 @@ import (
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	reflect "reflect"
 	sync "sync"
+	v1 "tvixfarm/proto/tvix/castore/v1"
 	unsafe "unsafe"
 )
 
@@ -236,8 +237,13 @@ type PathInfo struct {
 	Signatures []string `protobuf:"bytes,8,rep,name=signatures,proto3" json:"signatures,omitempty"`
 	// When the farm registered it, Unix seconds.
 	RegistrationTime int64 `protobuf:"varint,9,opt,name=registration_time,json=registrationTime,proto3" json:"registration_time,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The same tree as a castore node (anonymous), when a Tvix or Snix client
+	// put it or the farm mapped it: the digest Tvix clients know it by. Absent
+	// for paths only REAPI clients have seen; the farm then derives it from
+	// node (cas/castore.FromREAPI).
+	Castore       *v1.Node `protobuf:"bytes,10,opt,name=castore,proto3" json:"castore,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PathInfo) Reset() {
@@ -331,6 +337,13 @@ func (x *PathInfo) GetRegistrationTime() int64 {
 		return x.RegistrationTime
 	}
 	return 0
+}
+
+func (x *PathInfo) GetCastore() *v1.Node {
+	if x != nil {
+		return x.Castore
+	}
+	return nil
 }
 
 type GetPathInfosRequest struct {
@@ -759,7 +772,7 @@ var File_tvixfarm_store_v1_store_proto protoreflect.FileDescriptor
 
 const file_tvixfarm_store_v1_store_proto_rawDesc = "" +
 	"\n" +
-	"\x1dtvixfarm/store/v1/store.proto\x12\x11tvixfarm.store.v1\"0\n" +
+	"\x1dtvixfarm/store/v1/store.proto\x12\x11tvixfarm.store.v1\x1a\x1dtvix/castore/v1/castore.proto\"0\n" +
 	"\x06Digest\x12\x12\n" +
 	"\x04hash\x18\x01 \x01(\fR\x04hash\x12\x12\n" +
 	"\x04size\x18\x02 \x01(\x03R\x04size\"\x90\x02\n" +
@@ -775,7 +788,7 @@ const file_tvixfarm_store_v1_store_proto_rawDesc = "" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tDIRECTORY\x10\x01\x12\b\n" +
 	"\x04FILE\x10\x02\x12\v\n" +
-	"\aSYMLINK\x10\x03\"\xa7\x02\n" +
+	"\aSYMLINK\x10\x03\"\xd8\x02\n" +
 	"\bPathInfo\x12\x1d\n" +
 	"\n" +
 	"store_path\x18\x01 \x01(\tR\tstorePath\x12+\n" +
@@ -791,7 +804,9 @@ const file_tvixfarm_store_v1_store_proto_rawDesc = "" +
 	"\n" +
 	"signatures\x18\b \x03(\tR\n" +
 	"signatures\x12+\n" +
-	"\x11registration_time\x18\t \x01(\x03R\x10registrationTime\"6\n" +
+	"\x11registration_time\x18\t \x01(\x03R\x10registrationTime\x12/\n" +
+	"\acastore\x18\n" +
+	" \x01(\v2\x15.tvix.castore.v1.NodeR\acastore\"6\n" +
 	"\x13GetPathInfosRequest\x12\x1f\n" +
 	"\vstore_paths\x18\x01 \x03(\tR\n" +
 	"storePaths\"R\n" +
@@ -858,31 +873,33 @@ var file_tvixfarm_store_v1_store_proto_goTypes = []any{
 	(*GetBuildRequest)(nil),          // 10: tvixfarm.store.v1.GetBuildRequest
 	(*PutBuildResponse)(nil),         // 11: tvixfarm.store.v1.PutBuildResponse
 	nil,                              // 12: tvixfarm.store.v1.Build.OutputsEntry
+	(*v1.Node)(nil),                  // 13: tvix.castore.v1.Node
 }
 var file_tvixfarm_store_v1_store_proto_depIdxs = []int32{
 	0,  // 0: tvixfarm.store.v1.Node.kind:type_name -> tvixfarm.store.v1.Node.Kind
 	1,  // 1: tvixfarm.store.v1.Node.digest:type_name -> tvixfarm.store.v1.Digest
 	2,  // 2: tvixfarm.store.v1.PathInfo.node:type_name -> tvixfarm.store.v1.Node
-	3,  // 3: tvixfarm.store.v1.GetPathInfosResponse.path_infos:type_name -> tvixfarm.store.v1.PathInfo
-	3,  // 4: tvixfarm.store.v1.PutPathInfosRequest.path_infos:type_name -> tvixfarm.store.v1.PathInfo
-	12, // 5: tvixfarm.store.v1.Build.outputs:type_name -> tvixfarm.store.v1.Build.OutputsEntry
-	1,  // 6: tvixfarm.store.v1.Build.log:type_name -> tvixfarm.store.v1.Digest
-	1,  // 7: tvixfarm.store.v1.Build.action:type_name -> tvixfarm.store.v1.Digest
-	4,  // 8: tvixfarm.store.v1.Store.GetPathInfos:input_type -> tvixfarm.store.v1.GetPathInfosRequest
-	6,  // 9: tvixfarm.store.v1.Store.GetPathInfoByHash:input_type -> tvixfarm.store.v1.GetPathInfoByHashRequest
-	7,  // 10: tvixfarm.store.v1.Store.PutPathInfos:input_type -> tvixfarm.store.v1.PutPathInfosRequest
-	10, // 11: tvixfarm.store.v1.Store.GetBuild:input_type -> tvixfarm.store.v1.GetBuildRequest
-	9,  // 12: tvixfarm.store.v1.Store.PutBuild:input_type -> tvixfarm.store.v1.Build
-	5,  // 13: tvixfarm.store.v1.Store.GetPathInfos:output_type -> tvixfarm.store.v1.GetPathInfosResponse
-	3,  // 14: tvixfarm.store.v1.Store.GetPathInfoByHash:output_type -> tvixfarm.store.v1.PathInfo
-	8,  // 15: tvixfarm.store.v1.Store.PutPathInfos:output_type -> tvixfarm.store.v1.PutPathInfosResponse
-	9,  // 16: tvixfarm.store.v1.Store.GetBuild:output_type -> tvixfarm.store.v1.Build
-	11, // 17: tvixfarm.store.v1.Store.PutBuild:output_type -> tvixfarm.store.v1.PutBuildResponse
-	13, // [13:18] is the sub-list for method output_type
-	8,  // [8:13] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	13, // 3: tvixfarm.store.v1.PathInfo.castore:type_name -> tvix.castore.v1.Node
+	3,  // 4: tvixfarm.store.v1.GetPathInfosResponse.path_infos:type_name -> tvixfarm.store.v1.PathInfo
+	3,  // 5: tvixfarm.store.v1.PutPathInfosRequest.path_infos:type_name -> tvixfarm.store.v1.PathInfo
+	12, // 6: tvixfarm.store.v1.Build.outputs:type_name -> tvixfarm.store.v1.Build.OutputsEntry
+	1,  // 7: tvixfarm.store.v1.Build.log:type_name -> tvixfarm.store.v1.Digest
+	1,  // 8: tvixfarm.store.v1.Build.action:type_name -> tvixfarm.store.v1.Digest
+	4,  // 9: tvixfarm.store.v1.Store.GetPathInfos:input_type -> tvixfarm.store.v1.GetPathInfosRequest
+	6,  // 10: tvixfarm.store.v1.Store.GetPathInfoByHash:input_type -> tvixfarm.store.v1.GetPathInfoByHashRequest
+	7,  // 11: tvixfarm.store.v1.Store.PutPathInfos:input_type -> tvixfarm.store.v1.PutPathInfosRequest
+	10, // 12: tvixfarm.store.v1.Store.GetBuild:input_type -> tvixfarm.store.v1.GetBuildRequest
+	9,  // 13: tvixfarm.store.v1.Store.PutBuild:input_type -> tvixfarm.store.v1.Build
+	5,  // 14: tvixfarm.store.v1.Store.GetPathInfos:output_type -> tvixfarm.store.v1.GetPathInfosResponse
+	3,  // 15: tvixfarm.store.v1.Store.GetPathInfoByHash:output_type -> tvixfarm.store.v1.PathInfo
+	8,  // 16: tvixfarm.store.v1.Store.PutPathInfos:output_type -> tvixfarm.store.v1.PutPathInfosResponse
+	9,  // 17: tvixfarm.store.v1.Store.GetBuild:output_type -> tvixfarm.store.v1.Build
+	11, // 18: tvixfarm.store.v1.Store.PutBuild:output_type -> tvixfarm.store.v1.PutBuildResponse
+	14, // [14:19] is the sub-list for method output_type
+	9,  // [9:14] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_tvixfarm_store_v1_store_proto_init() }
