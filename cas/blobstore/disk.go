@@ -77,7 +77,7 @@ func NewDisk(kind Kind, dir string, opts DiskOptions) (BlobAccess, error) {
 		opts.PackSize = 64 << 20
 	}
 	opts.PackSize = max(min(opts.PackSize, opts.MaxSize/8), 4096)
-	s := &disk{kind: kind, dir: dir, opts: opts, index: make(map[digest.Digest]*diskEntry), lru: list.New()}
+	s := &disk{kind: kind, dir: dir, opts: opts, index: make(map[digest.Digest]*diskEntry), byHash: hashIndex{}, lru: list.New()}
 	if err := s.open(); err != nil {
 		if s.lock != nil {
 			s.lock.Close()
@@ -107,10 +107,12 @@ type disk struct {
 
 	mu    sync.Mutex
 	index map[digest.Digest]*diskEntry
-	lru   *list.List // file entries; front is most recently used
-	packs []*pack    // oldest first; the last one takes writes
-	size  int64      // bytes of blob files plus bytes of packs
-	clock uint64     // use counter ordering files against packs
+	// byHash indexes the BLAKE3 entries of index by hash (HashLookup).
+	byHash hashIndex
+	lru    *list.List // file entries; front is most recently used
+	packs  []*pack    // oldest first; the last one takes writes
+	size   int64      // bytes of blob files plus bytes of packs
+	clock  uint64     // use counter ordering files against packs
 }
 
 // diskEntry is a stored blob: a file (elem != nil) or a pack record.
@@ -248,6 +250,7 @@ func (s *disk) open() error {
 			it.e.lastUse = s.clock
 			it.e.elem = s.lru.PushFront(it.e)
 			s.index[it.e.d] = it.e
+			s.byHash.add(it.e.d)
 			s.size += it.e.size
 			continue
 		}
@@ -264,6 +267,7 @@ func (s *disk) open() error {
 				continue // a file copy exists; keep it
 			}
 			s.index[r.d] = &diskEntry{d: r.d, pack: p, off: r.off}
+			s.byHash.add(r.d)
 		}
 	}
 	// Packs must stay in id order (eviction is oldest first).
@@ -390,6 +394,7 @@ func (s *disk) forget(d digest.Digest) {
 
 func (s *disk) removeLocked(e *diskEntry) {
 	delete(s.index, e.d)
+	s.byHash.remove(e.d)
 	if e.elem != nil {
 		s.lru.Remove(e.elem)
 		s.size -= e.size
@@ -583,6 +588,7 @@ func (s *disk) indexRecord(pr *pendingRecord) error {
 	}
 	s.clock++
 	s.index[d] = &diskEntry{d: d, pack: p, off: pr.off + packHeaderLen, lastUse: s.clock}
+	s.byHash.add(d)
 	files, packs := s.evictLocked()
 	s.mu.Unlock()
 	s.removeEvicted(files, packs)
@@ -756,6 +762,7 @@ func (s *disk) putFile(d digest.Digest, r io.Reader) error {
 	e := &diskEntry{d: d, size: n, lastUse: s.clock}
 	e.elem = s.lru.PushFront(e)
 	s.index[d] = e
+	s.byHash.add(d)
 	s.size += n
 	files, packs := s.evictLocked()
 	s.mu.Unlock()
@@ -842,6 +849,7 @@ func (s *disk) evictLocked() ([]digest.Digest, []*pack) {
 			for _, r := range op.recs {
 				if e, ok := s.index[r.d]; ok && e.pack == op {
 					delete(s.index, r.d)
+					s.byHash.remove(r.d)
 				}
 			}
 			op.recs = nil

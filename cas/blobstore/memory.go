@@ -16,7 +16,7 @@ import (
 // maxSize bytes with least-recently-used eviction. It suits tests and small
 // caches in front of a remote store.
 func NewMemory(kind Kind, maxSize int64) BlobAccess {
-	return &memory{kind: kind, max: maxSize, items: make(map[digest.Digest]*list.Element), lru: list.New()}
+	return &memory{kind: kind, max: maxSize, items: make(map[digest.Digest]*list.Element), byHash: hashIndex{}, lru: list.New()}
 }
 
 type memory struct {
@@ -25,7 +25,9 @@ type memory struct {
 	mu    sync.Mutex
 	items map[digest.Digest]*list.Element // values are *memItem
 	lru   *list.List                      // front is most recently used
-	size  int64
+	// byHash indexes the BLAKE3 items by hash (HashLookup).
+	byHash hashIndex
+	size   int64
 }
 
 type memItem struct {
@@ -69,6 +71,7 @@ func (m *memory) Put(ctx context.Context, d digest.Digest, r io.Reader) error {
 		m.lru.MoveToFront(e)
 	} else {
 		m.items[d] = m.lru.PushFront(&memItem{d: d, data: data})
+		m.byHash.add(d)
 		m.size += int64(len(data))
 	}
 	for m.size > m.max {
@@ -76,6 +79,7 @@ func (m *memory) Put(ctx context.Context, d digest.Digest, r io.Reader) error {
 		it := e.Value.(*memItem)
 		m.lru.Remove(e)
 		delete(m.items, it.d)
+		m.byHash.remove(it.d)
 		m.size -= int64(len(it.data))
 	}
 	return nil
