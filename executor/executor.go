@@ -111,6 +111,17 @@ type Config struct {
 	// across actions, rather than hardlinking every file of the closure
 	// for every action.
 	Layers *inputs.Layers
+	// PlainREAPI makes the executor behave like a stock REAPI worker
+	// that chroots into the input root (Buildbarn's bb_runner with
+	// chroot_into_input_root: true), to test what such a cluster gives
+	// a gateway's actions: every action runs chrooted into its input
+	// root as it is (no /etc files added, no Nix modes or owners, argv[0]
+	// as given), stdout and stderr are separate, and tvixfarm's option
+	// properties (network, nix-pty, limits) are ignored: the network is
+	// always the default (none but lo). Selection properties (nix-system,
+	// nix-features) are still matched, as a stock scheduler matches a
+	// worker's platform.
+	PlainREAPI bool
 	// Logger receives the executor's logs; nil means slog.Default().
 	Logger *slog.Logger
 }
@@ -375,6 +386,7 @@ type plan struct {
 	shape   sandbox.Shape
 	command *sandbox.Command
 	nix     bool
+	plain   bool     // Config.PlainREAPI: chroot, nothing of Nix
 	workDir string   // relative to the input root
 	parents []string // of the outputs, relative to the input root
 }
@@ -442,7 +454,14 @@ func (e *Executor) plan(action *repb.Action, cmd *repb.Command) (*plan, error) {
 		return nil, err
 	}
 	_, p.nix = props[PropNixSystem]
-	if p.nix {
+	if e.cfg.PlainREAPI {
+		// A stock chrooting worker: no Nix treatment, no options.
+		p.nix, p.plain = false, true
+		for _, o := range OptionProperties {
+			delete(props, o)
+		}
+	}
+	if p.nix || p.plain {
 		p.shape.Layout = sandbox.Chroot
 	} else {
 		p.shape.Layout = sandbox.HostRoot
@@ -508,7 +527,7 @@ func (e *Executor) plan(action *repb.Action, cmd *repb.Command) (*plan, error) {
 			p.shape.Writable = append(p.shape.Writable, parent)
 		}
 	}
-	if p.nix && e.cfg.Layers != nil && slices.ContainsFunc(p.shape.Writable, func(w string) bool { return underDir(storeDir, w) }) {
+	if (p.nix || p.plain) && e.cfg.Layers != nil && slices.ContainsFunc(p.shape.Writable, func(w string) bool { return underDir(storeDir, w) }) {
 		p.shape.Overlay = storeDir
 	}
 	timeout := e.cfg.DefaultTimeout

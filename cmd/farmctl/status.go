@@ -61,6 +61,9 @@ func statusCmd(args []string) error {
 	if e := st.Executor; e != nil {
 		fmt.Printf("executor %s: %d/%d slots busy\nplatform %s\n\n", e.Name, e.Running, e.Slots, strings.Join(e.Platform, " "))
 	}
+	if x := st.Execution; x != nil {
+		printExecution(x)
+	}
 	if clErr != nil {
 		fmt.Printf("cluster: %v\n\n", clErr)
 	} else if cl != nil {
@@ -80,6 +83,20 @@ func statusCmd(args []string) error {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", inst, s.Kind, s.Backend, count(s.Blobs), bytesStr(s.Bytes), bytesStr(s.MaxBytes))
 	}
 	return tw.Flush()
+}
+
+// printExecution shows a gateway's remote execution backend.
+func printExecution(x *adminpb.ExecutionBackendStatus) {
+	health := "healthy"
+	if !x.Healthy {
+		health = "UNHEALTHY: " + x.Error
+	}
+	inst := x.InstanceName
+	if inst == "" {
+		inst = "(default)"
+	}
+	fmt.Printf("execution %s %s, instance %s, %s, REAPI %s: %s\n", x.Backend, x.Address, inst, x.DigestFunction, x.ApiVersion, health)
+	fmt.Printf("          %d queued, %d/%d executing; %d forwarded, %d failed\n\n", x.Queued, x.Executing, x.Concurrency, x.Forwarded, x.Failed)
 }
 
 func count(n int64) string {

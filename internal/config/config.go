@@ -40,6 +40,9 @@ type Config struct {
 	Scheduler Scheduler `yaml:"scheduler"`
 	// BinaryCache configures the Nix binary cache served over HTTP.
 	BinaryCache BinaryCache `yaml:"binary_cache"`
+	// Execution selects the execution backend: the built-in scheduler
+	// or a remote REAPI cluster (gateway mode; execution.go).
+	Execution Execution `yaml:"execution"`
 	// Role is the set of roles this process runs (flag --role); it is
 	// not part of the file.
 	Role string `yaml:"-"`
@@ -76,6 +79,12 @@ type Executor struct {
 	// Storage is the address of the farm's storage (REAPI CAS) for an
 	// executor that runs without the storage role.
 	Storage string `yaml:"storage"`
+	// PlainREAPI makes the executor behave like a stock REAPI worker that
+	// chroots into the input root (Buildbarn's bb_runner with
+	// chroot_into_input_root): every action runs chrooted into its input
+	// root as it is, and no tvixfarm platform property (nix-pty,
+	// network, limits) is honoured. For testing gateway mode.
+	PlainREAPI bool `yaml:"plain_reapi"`
 	// Scheduler is the address of a scheduler node (any node of the
 	// cluster) for an executor that runs without the scheduler role
 	// (flag --scheduler). An all-in-one process connects its executor to
@@ -349,6 +358,7 @@ func Parse(data []byte) (*Config, error) {
 	cfg.Executor = doc.Executor
 	cfg.Scheduler = doc.Scheduler
 	cfg.BinaryCache = doc.BinaryCache
+	cfg.Execution = doc.Execution
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -442,6 +452,9 @@ func (c *Config) Validate() error {
 		return err
 	}
 	if err := c.Executor.validate(); err != nil {
+		return err
+	}
+	if err := c.Execution.validate(); err != nil {
 		return err
 	}
 	return c.BinaryCache.validate(c.Listen)

@@ -45,6 +45,14 @@ func (a *adminServer) Status(ctx context.Context, req *adminpb.StatusRequest) (*
 		}
 		resp.Executor = es
 	}
+	if g := a.f.gw; g != nil {
+		s := g.Status(ctx)
+		resp.Execution = &adminpb.ExecutionBackendStatus{
+			Backend: "remote", Address: s.Address, InstanceName: s.Instance, DigestFunction: s.DigestFunction,
+			ApiVersion: s.APIVersion, Healthy: s.Healthy, Error: s.Error, Concurrency: int32(s.Concurrency),
+			Queued: int32(s.Queued), Executing: int32(s.Executing), Forwarded: s.Forwarded, Failed: s.Failed,
+		}
+	}
 	if a.f.stores == nil {
 		return resp, nil
 	}
@@ -71,6 +79,9 @@ func (f *Farm) roles() []string {
 	}
 	if f.runner != nil {
 		rs = append(rs, "executor")
+	}
+	if f.gw != nil {
+		rs = append(rs, "gateway")
 	}
 	return rs
 }

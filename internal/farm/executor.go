@@ -92,6 +92,7 @@ func (f *Farm) newExecutor(cfg config.Executor, dataDir string, cas blobstore.Bl
 		MaxTimeout:     time.Duration(cfg.MaxTimeout),
 		Dir:            filepath.Join(dir, "work"),
 		Layers:         layers,
+		PlainREAPI:     cfg.PlainREAPI,
 		Logger:         log,
 	}, cas, mat, sb)
 	if err := e.Init(); err != nil {

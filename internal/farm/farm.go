@@ -39,6 +39,7 @@ import (
 	"tvixfarm/executor"
 	"tvixfarm/executor/worker"
 	"tvixfarm/frontend/binarycache"
+	"tvixfarm/frontend/gateway"
 	"tvixfarm/frontend/pathinfo"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/rpc"
@@ -71,6 +72,9 @@ type Farm struct {
 	cacheClosed bool
 	exec        *executor.Executor
 	sched       *schedulerRole
+	// gw is the remote execution backend (gateway mode), which serves
+	// Execution instead of a scheduler.
+	gw *gateway.Remote
 	// runner runs actions for the scheduler at schedAddr.
 	runner    worker.Runner
 	schedAddr string
@@ -130,6 +134,15 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		return nil, fmt.Errorf("listen: %w", err)
 	}
 	f.lis = lis
+	if cfg.Execution.IsRemote() {
+		// Gateway mode: the remote cluster schedules and executes.
+		if !roles["storage"] {
+			f.lis.Close()
+			return nil, errors.New("execution.backend remote: the gateway needs the storage role (its CAS, path info and binary cache)")
+		}
+		delete(roles, "scheduler")
+		delete(roles, "executor")
+	}
 	var stores *blobstore.Instances
 	if roles["storage"] {
 		if stores, err = NewStores(cfg.Storage, cfg.Data, log, &f.closers); err != nil {
@@ -160,6 +173,14 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		}
 		f.sched = s
 		f.closers = append(f.closers, s)
+	}
+	if cfg.Execution.IsRemote() {
+		g, err := f.newGateway(ctx, cfg.Execution.Remote, stores, log)
+		if err != nil {
+			f.closeAll()
+			return nil, err
+		}
+		f.gw = g
 	}
 	if roles["executor"] {
 		f.schedAddr = cfg.Executor.Scheduler
@@ -233,6 +254,11 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		workerpb.RegisterWorkersServer(f.srv, f.sched.workers)
 		adminpb.RegisterClusterServer(f.srv, scheduler.NewCluster(f.sched.node, f.sched.workers))
 		repb.RegisterCapabilitiesServer(f.srv, caps)
+	}
+	if f.gw != nil {
+		caps.Execution = f.gw.Capabilities()
+		repb.RegisterExecutionServer(f.srv, f.gw)
+		longrunningpb.RegisterOperationsServer(f.srv, f.gw)
 	}
 	if stores != nil {
 		if f.sched == nil {

@@ -73,7 +73,9 @@ type StatusResponse struct {
 	// The data directory.
 	DataDir string `protobuf:"bytes,5,opt,name=data_dir,json=dataDir,proto3" json:"data_dir,omitempty"`
 	// The executor, if this process runs the executor role.
-	Executor      *ExecutorStatus `protobuf:"bytes,6,opt,name=executor,proto3" json:"executor,omitempty"`
+	Executor *ExecutorStatus `protobuf:"bytes,6,opt,name=executor,proto3" json:"executor,omitempty"`
+	// The remote execution backend, if this process is a gateway.
+	Execution     *ExecutionBackendStatus `protobuf:"bytes,7,opt,name=execution,proto3" json:"execution,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -150,6 +152,154 @@ func (x *StatusResponse) GetExecutor() *ExecutorStatus {
 	return nil
 }
 
+func (x *StatusResponse) GetExecution() *ExecutionBackendStatus {
+	if x != nil {
+		return x.Execution
+	}
+	return nil
+}
+
+// ExecutionBackendStatus is a gateway's remote execution backend.
+type ExecutionBackendStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "remote".
+	Backend string `protobuf:"bytes,1,opt,name=backend,proto3" json:"backend,omitempty"`
+	// The remote's address and instance name.
+	Address      string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	InstanceName string `protobuf:"bytes,3,opt,name=instance_name,json=instanceName,proto3" json:"instance_name,omitempty"`
+	// The digest function of the actions sent to it.
+	DigestFunction string `protobuf:"bytes,4,opt,name=digest_function,json=digestFunction,proto3" json:"digest_function,omitempty"`
+	// The REAPI versions the remote announced ("2.0-2.3").
+	ApiVersion string `protobuf:"bytes,5,opt,name=api_version,json=apiVersion,proto3" json:"api_version,omitempty"`
+	// Whether the remote answered GetCapabilities just now, and if not, why.
+	Healthy bool   `protobuf:"varint,6,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	Error   string `protobuf:"bytes,7,opt,name=error,proto3" json:"error,omitempty"`
+	// The concurrency limit, and the operations queued in the gateway and
+	// executing on the remote now.
+	Concurrency int32 `protobuf:"varint,8,opt,name=concurrency,proto3" json:"concurrency,omitempty"`
+	Queued      int32 `protobuf:"varint,9,opt,name=queued,proto3" json:"queued,omitempty"`
+	Executing   int32 `protobuf:"varint,10,opt,name=executing,proto3" json:"executing,omitempty"`
+	// Actions forwarded since the start, and those the remote failed to run.
+	Forwarded     int64 `protobuf:"varint,11,opt,name=forwarded,proto3" json:"forwarded,omitempty"`
+	Failed        int64 `protobuf:"varint,12,opt,name=failed,proto3" json:"failed,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExecutionBackendStatus) Reset() {
+	*x = ExecutionBackendStatus{}
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExecutionBackendStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExecutionBackendStatus) ProtoMessage() {}
+
+func (x *ExecutionBackendStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExecutionBackendStatus.ProtoReflect.Descriptor instead.
+func (*ExecutionBackendStatus) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ExecutionBackendStatus) GetBackend() string {
+	if x != nil {
+		return x.Backend
+	}
+	return ""
+}
+
+func (x *ExecutionBackendStatus) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *ExecutionBackendStatus) GetInstanceName() string {
+	if x != nil {
+		return x.InstanceName
+	}
+	return ""
+}
+
+func (x *ExecutionBackendStatus) GetDigestFunction() string {
+	if x != nil {
+		return x.DigestFunction
+	}
+	return ""
+}
+
+func (x *ExecutionBackendStatus) GetApiVersion() string {
+	if x != nil {
+		return x.ApiVersion
+	}
+	return ""
+}
+
+func (x *ExecutionBackendStatus) GetHealthy() bool {
+	if x != nil {
+		return x.Healthy
+	}
+	return false
+}
+
+func (x *ExecutionBackendStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *ExecutionBackendStatus) GetConcurrency() int32 {
+	if x != nil {
+		return x.Concurrency
+	}
+	return 0
+}
+
+func (x *ExecutionBackendStatus) GetQueued() int32 {
+	if x != nil {
+		return x.Queued
+	}
+	return 0
+}
+
+func (x *ExecutionBackendStatus) GetExecuting() int32 {
+	if x != nil {
+		return x.Executing
+	}
+	return 0
+}
+
+func (x *ExecutionBackendStatus) GetForwarded() int64 {
+	if x != nil {
+		return x.Forwarded
+	}
+	return 0
+}
+
+func (x *ExecutionBackendStatus) GetFailed() int64 {
+	if x != nil {
+		return x.Failed
+	}
+	return 0
+}
+
 type ExecutorStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Worker name in action results.
@@ -166,7 +316,7 @@ type ExecutorStatus struct {
 
 func (x *ExecutorStatus) Reset() {
 	*x = ExecutorStatus{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -178,7 +328,7 @@ func (x *ExecutorStatus) String() string {
 func (*ExecutorStatus) ProtoMessage() {}
 
 func (x *ExecutorStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[2]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -191,7 +341,7 @@ func (x *ExecutorStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExecutorStatus.ProtoReflect.Descriptor instead.
 func (*ExecutorStatus) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{2}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ExecutorStatus) GetName() string {
@@ -242,7 +392,7 @@ type StoreStatus struct {
 
 func (x *StoreStatus) Reset() {
 	*x = StoreStatus{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -254,7 +404,7 @@ func (x *StoreStatus) String() string {
 func (*StoreStatus) ProtoMessage() {}
 
 func (x *StoreStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[3]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -267,7 +417,7 @@ func (x *StoreStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StoreStatus.ProtoReflect.Descriptor instead.
 func (*StoreStatus) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{3}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *StoreStatus) GetInstance() string {
@@ -320,7 +470,7 @@ type ClusterStatusRequest struct {
 
 func (x *ClusterStatusRequest) Reset() {
 	*x = ClusterStatusRequest{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +482,7 @@ func (x *ClusterStatusRequest) String() string {
 func (*ClusterStatusRequest) ProtoMessage() {}
 
 func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[4]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +495,7 @@ func (x *ClusterStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatusRequest.ProtoReflect.Descriptor instead.
 func (*ClusterStatusRequest) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{4}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{5}
 }
 
 type ClusterStatus struct {
@@ -366,7 +516,7 @@ type ClusterStatus struct {
 
 func (x *ClusterStatus) Reset() {
 	*x = ClusterStatus{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -378,7 +528,7 @@ func (x *ClusterStatus) String() string {
 func (*ClusterStatus) ProtoMessage() {}
 
 func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[5]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -391,7 +541,7 @@ func (x *ClusterStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterStatus.ProtoReflect.Descriptor instead.
 func (*ClusterStatus) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{5}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ClusterStatus) GetLeader() string {
@@ -464,7 +614,7 @@ type ClusterMember struct {
 
 func (x *ClusterMember) Reset() {
 	*x = ClusterMember{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -476,7 +626,7 @@ func (x *ClusterMember) String() string {
 func (*ClusterMember) ProtoMessage() {}
 
 func (x *ClusterMember) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[6]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -489,7 +639,7 @@ func (x *ClusterMember) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClusterMember.ProtoReflect.Descriptor instead.
 func (*ClusterMember) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{6}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ClusterMember) GetId() string {
@@ -537,7 +687,7 @@ type QueueLength struct {
 
 func (x *QueueLength) Reset() {
 	*x = QueueLength{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -549,7 +699,7 @@ func (x *QueueLength) String() string {
 func (*QueueLength) ProtoMessage() {}
 
 func (x *QueueLength) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[7]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -562,7 +712,7 @@ func (x *QueueLength) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use QueueLength.ProtoReflect.Descriptor instead.
 func (*QueueLength) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{7}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *QueueLength) GetPriority() int32 {
@@ -593,7 +743,7 @@ type WorkerInfo struct {
 
 func (x *WorkerInfo) Reset() {
 	*x = WorkerInfo{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -605,7 +755,7 @@ func (x *WorkerInfo) String() string {
 func (*WorkerInfo) ProtoMessage() {}
 
 func (x *WorkerInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[8]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -618,7 +768,7 @@ func (x *WorkerInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkerInfo.ProtoReflect.Descriptor instead.
 func (*WorkerInfo) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{8}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *WorkerInfo) GetId() string {
@@ -666,7 +816,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -678,7 +828,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[9]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -691,7 +841,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{9}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DrainRequest) GetWorker() string {
@@ -716,7 +866,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -728,7 +878,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[10]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -741,7 +891,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{10}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{11}
 }
 
 type AddMemberRequest struct {
@@ -754,7 +904,7 @@ type AddMemberRequest struct {
 
 func (x *AddMemberRequest) Reset() {
 	*x = AddMemberRequest{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -766,7 +916,7 @@ func (x *AddMemberRequest) String() string {
 func (*AddMemberRequest) ProtoMessage() {}
 
 func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[11]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -779,7 +929,7 @@ func (x *AddMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AddMemberRequest.ProtoReflect.Descriptor instead.
 func (*AddMemberRequest) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{11}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *AddMemberRequest) GetId() string {
@@ -805,7 +955,7 @@ type RemoveMemberRequest struct {
 
 func (x *RemoveMemberRequest) Reset() {
 	*x = RemoveMemberRequest{}
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -817,7 +967,7 @@ func (x *RemoveMemberRequest) String() string {
 func (*RemoveMemberRequest) ProtoMessage() {}
 
 func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[12]
+	mi := &file_tvixfarm_admin_v1_admin_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -830,7 +980,7 @@ func (x *RemoveMemberRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveMemberRequest.ProtoReflect.Descriptor instead.
 func (*RemoveMemberRequest) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{12}
+	return file_tvixfarm_admin_v1_admin_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *RemoveMemberRequest) GetId() string {
@@ -845,14 +995,30 @@ var File_tvixfarm_admin_v1_admin_proto protoreflect.FileDescriptor
 const file_tvixfarm_admin_v1_admin_proto_rawDesc = "" +
 	"\n" +
 	"\x1dtvixfarm/admin/v1/admin.proto\x12\x11tvixfarm.admin.v1\"\x0f\n" +
-	"\rStatusRequest\"\xf5\x01\n" +
+	"\rStatusRequest\"\xbe\x02\n" +
 	"\x0eStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x12\x14\n" +
 	"\x05roles\x18\x02 \x03(\tR\x05roles\x12!\n" +
 	"\fstarted_unix\x18\x03 \x01(\x03R\vstartedUnix\x126\n" +
 	"\x06stores\x18\x04 \x03(\v2\x1e.tvixfarm.admin.v1.StoreStatusR\x06stores\x12\x19\n" +
 	"\bdata_dir\x18\x05 \x01(\tR\adataDir\x12=\n" +
-	"\bexecutor\x18\x06 \x01(\v2!.tvixfarm.admin.v1.ExecutorStatusR\bexecutor\"p\n" +
+	"\bexecutor\x18\x06 \x01(\v2!.tvixfarm.admin.v1.ExecutorStatusR\bexecutor\x12G\n" +
+	"\texecution\x18\a \x01(\v2).tvixfarm.admin.v1.ExecutionBackendStatusR\texecution\"\xf9\x02\n" +
+	"\x16ExecutionBackendStatus\x12\x18\n" +
+	"\abackend\x18\x01 \x01(\tR\abackend\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x12#\n" +
+	"\rinstance_name\x18\x03 \x01(\tR\finstanceName\x12'\n" +
+	"\x0fdigest_function\x18\x04 \x01(\tR\x0edigestFunction\x12\x1f\n" +
+	"\vapi_version\x18\x05 \x01(\tR\n" +
+	"apiVersion\x12\x18\n" +
+	"\ahealthy\x18\x06 \x01(\bR\ahealthy\x12\x14\n" +
+	"\x05error\x18\a \x01(\tR\x05error\x12 \n" +
+	"\vconcurrency\x18\b \x01(\x05R\vconcurrency\x12\x16\n" +
+	"\x06queued\x18\t \x01(\x05R\x06queued\x12\x1c\n" +
+	"\texecuting\x18\n" +
+	" \x01(\x05R\texecuting\x12\x1c\n" +
+	"\tforwarded\x18\v \x01(\x03R\tforwarded\x12\x16\n" +
+	"\x06failed\x18\f \x01(\x03R\x06failed\"p\n" +
 	"\x0eExecutorStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
 	"\x05slots\x18\x02 \x01(\x05R\x05slots\x12\x1a\n" +
@@ -921,43 +1087,45 @@ func file_tvixfarm_admin_v1_admin_proto_rawDescGZIP() []byte {
 	return file_tvixfarm_admin_v1_admin_proto_rawDescData
 }
 
-var file_tvixfarm_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_tvixfarm_admin_v1_admin_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_tvixfarm_admin_v1_admin_proto_goTypes = []any{
-	(*StatusRequest)(nil),        // 0: tvixfarm.admin.v1.StatusRequest
-	(*StatusResponse)(nil),       // 1: tvixfarm.admin.v1.StatusResponse
-	(*ExecutorStatus)(nil),       // 2: tvixfarm.admin.v1.ExecutorStatus
-	(*StoreStatus)(nil),          // 3: tvixfarm.admin.v1.StoreStatus
-	(*ClusterStatusRequest)(nil), // 4: tvixfarm.admin.v1.ClusterStatusRequest
-	(*ClusterStatus)(nil),        // 5: tvixfarm.admin.v1.ClusterStatus
-	(*ClusterMember)(nil),        // 6: tvixfarm.admin.v1.ClusterMember
-	(*QueueLength)(nil),          // 7: tvixfarm.admin.v1.QueueLength
-	(*WorkerInfo)(nil),           // 8: tvixfarm.admin.v1.WorkerInfo
-	(*DrainRequest)(nil),         // 9: tvixfarm.admin.v1.DrainRequest
-	(*DrainResponse)(nil),        // 10: tvixfarm.admin.v1.DrainResponse
-	(*AddMemberRequest)(nil),     // 11: tvixfarm.admin.v1.AddMemberRequest
-	(*RemoveMemberRequest)(nil),  // 12: tvixfarm.admin.v1.RemoveMemberRequest
+	(*StatusRequest)(nil),          // 0: tvixfarm.admin.v1.StatusRequest
+	(*StatusResponse)(nil),         // 1: tvixfarm.admin.v1.StatusResponse
+	(*ExecutionBackendStatus)(nil), // 2: tvixfarm.admin.v1.ExecutionBackendStatus
+	(*ExecutorStatus)(nil),         // 3: tvixfarm.admin.v1.ExecutorStatus
+	(*StoreStatus)(nil),            // 4: tvixfarm.admin.v1.StoreStatus
+	(*ClusterStatusRequest)(nil),   // 5: tvixfarm.admin.v1.ClusterStatusRequest
+	(*ClusterStatus)(nil),          // 6: tvixfarm.admin.v1.ClusterStatus
+	(*ClusterMember)(nil),          // 7: tvixfarm.admin.v1.ClusterMember
+	(*QueueLength)(nil),            // 8: tvixfarm.admin.v1.QueueLength
+	(*WorkerInfo)(nil),             // 9: tvixfarm.admin.v1.WorkerInfo
+	(*DrainRequest)(nil),           // 10: tvixfarm.admin.v1.DrainRequest
+	(*DrainResponse)(nil),          // 11: tvixfarm.admin.v1.DrainResponse
+	(*AddMemberRequest)(nil),       // 12: tvixfarm.admin.v1.AddMemberRequest
+	(*RemoveMemberRequest)(nil),    // 13: tvixfarm.admin.v1.RemoveMemberRequest
 }
 var file_tvixfarm_admin_v1_admin_proto_depIdxs = []int32{
-	3,  // 0: tvixfarm.admin.v1.StatusResponse.stores:type_name -> tvixfarm.admin.v1.StoreStatus
-	2,  // 1: tvixfarm.admin.v1.StatusResponse.executor:type_name -> tvixfarm.admin.v1.ExecutorStatus
-	6,  // 2: tvixfarm.admin.v1.ClusterStatus.members:type_name -> tvixfarm.admin.v1.ClusterMember
-	7,  // 3: tvixfarm.admin.v1.ClusterStatus.queue:type_name -> tvixfarm.admin.v1.QueueLength
-	8,  // 4: tvixfarm.admin.v1.ClusterStatus.workers:type_name -> tvixfarm.admin.v1.WorkerInfo
-	0,  // 5: tvixfarm.admin.v1.Admin.Status:input_type -> tvixfarm.admin.v1.StatusRequest
-	4,  // 6: tvixfarm.admin.v1.Cluster.Status:input_type -> tvixfarm.admin.v1.ClusterStatusRequest
-	9,  // 7: tvixfarm.admin.v1.Cluster.Drain:input_type -> tvixfarm.admin.v1.DrainRequest
-	11, // 8: tvixfarm.admin.v1.Cluster.AddMember:input_type -> tvixfarm.admin.v1.AddMemberRequest
-	12, // 9: tvixfarm.admin.v1.Cluster.RemoveMember:input_type -> tvixfarm.admin.v1.RemoveMemberRequest
-	1,  // 10: tvixfarm.admin.v1.Admin.Status:output_type -> tvixfarm.admin.v1.StatusResponse
-	5,  // 11: tvixfarm.admin.v1.Cluster.Status:output_type -> tvixfarm.admin.v1.ClusterStatus
-	10, // 12: tvixfarm.admin.v1.Cluster.Drain:output_type -> tvixfarm.admin.v1.DrainResponse
-	5,  // 13: tvixfarm.admin.v1.Cluster.AddMember:output_type -> tvixfarm.admin.v1.ClusterStatus
-	5,  // 14: tvixfarm.admin.v1.Cluster.RemoveMember:output_type -> tvixfarm.admin.v1.ClusterStatus
-	10, // [10:15] is the sub-list for method output_type
-	5,  // [5:10] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	4,  // 0: tvixfarm.admin.v1.StatusResponse.stores:type_name -> tvixfarm.admin.v1.StoreStatus
+	3,  // 1: tvixfarm.admin.v1.StatusResponse.executor:type_name -> tvixfarm.admin.v1.ExecutorStatus
+	2,  // 2: tvixfarm.admin.v1.StatusResponse.execution:type_name -> tvixfarm.admin.v1.ExecutionBackendStatus
+	7,  // 3: tvixfarm.admin.v1.ClusterStatus.members:type_name -> tvixfarm.admin.v1.ClusterMember
+	8,  // 4: tvixfarm.admin.v1.ClusterStatus.queue:type_name -> tvixfarm.admin.v1.QueueLength
+	9,  // 5: tvixfarm.admin.v1.ClusterStatus.workers:type_name -> tvixfarm.admin.v1.WorkerInfo
+	0,  // 6: tvixfarm.admin.v1.Admin.Status:input_type -> tvixfarm.admin.v1.StatusRequest
+	5,  // 7: tvixfarm.admin.v1.Cluster.Status:input_type -> tvixfarm.admin.v1.ClusterStatusRequest
+	10, // 8: tvixfarm.admin.v1.Cluster.Drain:input_type -> tvixfarm.admin.v1.DrainRequest
+	12, // 9: tvixfarm.admin.v1.Cluster.AddMember:input_type -> tvixfarm.admin.v1.AddMemberRequest
+	13, // 10: tvixfarm.admin.v1.Cluster.RemoveMember:input_type -> tvixfarm.admin.v1.RemoveMemberRequest
+	1,  // 11: tvixfarm.admin.v1.Admin.Status:output_type -> tvixfarm.admin.v1.StatusResponse
+	6,  // 12: tvixfarm.admin.v1.Cluster.Status:output_type -> tvixfarm.admin.v1.ClusterStatus
+	11, // 13: tvixfarm.admin.v1.Cluster.Drain:output_type -> tvixfarm.admin.v1.DrainResponse
+	6,  // 14: tvixfarm.admin.v1.Cluster.AddMember:output_type -> tvixfarm.admin.v1.ClusterStatus
+	6,  // 15: tvixfarm.admin.v1.Cluster.RemoveMember:output_type -> tvixfarm.admin.v1.ClusterStatus
+	11, // [11:16] is the sub-list for method output_type
+	6,  // [6:11] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_tvixfarm_admin_v1_admin_proto_init() }
@@ -971,7 +1139,7 @@ func file_tvixfarm_admin_v1_admin_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tvixfarm_admin_v1_admin_proto_rawDesc), len(file_tvixfarm_admin_v1_admin_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   2,
 		},
