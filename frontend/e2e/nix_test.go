@@ -43,6 +43,8 @@ var farmErrors = map[string]string{
 type testFarm struct {
 	farm coordinator.Farm
 	cfg  coordinator.Config
+	e    *farm.Embedded
+	conn *grpc.ClientConn
 }
 
 func requireSandbox(t *testing.T) {
@@ -95,7 +97,7 @@ func startFarm(t *testing.T) *testFarm {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &testFarm{farm: f, cfg: coordinator.Config{Local: local, KeepGoing: true, Logger: log}.WithTranslate(digest.BLAKE3, settings.Cores, sandbox)}
+	return &testFarm{e: e, conn: conn, farm: f, cfg: coordinator.Config{Local: local, KeepGoing: true, Logger: log}.WithTranslate(digest.BLAKE3, settings.Cores, sandbox)}
 }
 
 func salt(t *testing.T) string {

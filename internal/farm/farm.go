@@ -270,6 +270,11 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		f.paths = pathinfo.NewBlobStore(stores.Default.AC, stores.Default.CAS)
 		storepb.RegisterStoreServer(f.srv, pathinfo.NewServer(f.paths))
 	}
+	if err := f.registerBuildService(bctx, log); err != nil {
+		f.lis.Close()
+		f.closeAll()
+		return nil, err
+	}
 	adminpb.RegisterAdminServer(f.srv, &adminServer{f: f, started: time.Now()})
 	f.health = health.NewServer()
 	healthpb.RegisterHealthServer(f.srv, f.health)
