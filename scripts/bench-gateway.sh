@@ -8,6 +8,9 @@
 #   gateway  a gateway (execution.backend remote) in front of plain
 # gateway - plain is the cost of the hop. Needs root and Nix
 # (scripts/nix-setup.sh). ROUNDS (default 3) rounds; one line per timing.
+# JOBS=1 builds one derivation at a time (tvixfarm build -j 1), so that
+# the difference is the hop's latency per action rather than a share of
+# a parallel run (default: tvixfarm build's own -j).
 set -eu
 cd "$(dirname "$0")/.."
 rounds=${ROUNDS:-3}
@@ -47,7 +50,7 @@ secs() { # command... ; prints the wall time in seconds
 	echo "$s $e" | awk '{printf "%.2f", $2 - $1}'
 }
 wide() { # farm salt
-	secs bin/tvixfarm build --farm "$1" frontend/testdata/nix -A wide --argstr busybox "$bb" --argstr salt "$2" --no-link
+	secs bin/tvixfarm build --farm "$1" ${JOBS:+-j "$JOBS"} frontend/testdata/nix -A wide --argstr busybox "$bb" --argstr salt "$2" --no-link
 }
 r=1
 while [ "$r" -le "$rounds" ]; do
@@ -55,7 +58,7 @@ while [ "$r" -le "$rounds" ]; do
 	d=$(wide "$direct" "${salt}d")
 	p=$(wide "$plain" "${salt}p")
 	g=$(wide "$gw" "${salt}g")
-	echo "round $r: wide (201 derivations, uncached): direct ${d}s, plain ${p}s, gateway→plain ${g}s; hop $(echo "$g $p" | awk '{printf "%.1f", ($1 - $2) * 1000 / 201}') ms per action"
+	echo "round $r: wide (201 derivations, uncached${JOBS:+, -j $JOBS}): direct ${d}s, plain ${p}s, gateway→plain ${g}s; hop $(echo "$g $p" | awk '{printf "%.1f", ($1 - $2) * 1000 / 201}') ms per action"
 	r=$((r + 1))
 done
 bin/farmctl status --farm "$gw" | sed -n '/^execution/,/^$/p'

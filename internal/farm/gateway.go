@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"time"
@@ -25,7 +26,7 @@ import (
 // newGateway starts the remote execution backend (gateway mode): a
 // connection to the remote with the configured TLS and headers, and the
 // REAPI Execution service that forwards to it. What needs closing is
-// appended to f.closers.
+// put first in f.closers.
 func (f *Farm) newGateway(ctx context.Context, r *config.Remote, stores *blobstore.Instances, log *slog.Logger) (*gateway.Remote, error) {
 	opts, err := remoteDialOptions(r)
 	if err != nil {
@@ -54,7 +55,8 @@ func (f *Farm) newGateway(ctx context.Context, r *config.Remote, stores *blobsto
 		conn.Close()
 		return nil, err
 	}
-	f.closers = append(f.closers, g, conn)
+	// Closed before the stores its operations use.
+	f.closers = append([]io.Closer{g, conn}, f.closers...)
 	return g, nil
 }
 
