@@ -177,6 +177,7 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 	if cfg.Execution.IsRemote() {
 		g, err := f.newGateway(ctx, cfg.Execution.Remote, stores, log)
 		if err != nil {
+			f.lis.Close()
 			f.closeAll()
 			return nil, err
 		}
