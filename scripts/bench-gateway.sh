@@ -27,7 +27,7 @@ trap cleanup EXIT INT TERM
 direct=127.0.0.1:18980 plain=127.0.0.1:18990 gw=127.0.0.1:19000
 printf 'binary_cache: {listen: ""}\n' >"$work/direct.yaml"
 printf 'binary_cache: {listen: ""}\nexecutor: {plain_reapi: true}\n' >"$work/plain.yaml"
-printf 'binary_cache: {listen: ""}\nexecution:\n  backend: remote\n  remote: {address: "%s", isolated_network: true}\n' "$plain" >"$work/gw.yaml"
+printf 'binary_cache: {listen: ""}\nmetrics_listen: 127.0.0.1:19009\nexecution:\n  backend: remote\n  remote: {address: "%s", isolated_network: true}\n' "$plain" >"$work/gw.yaml"
 serve() { # name addr
 	bin/tvixfarm serve --listen "$2" --data "$work/$1" --config "$work/$1.yaml" 2>"$work/$1.log" &
 	pids="$pids $!"
@@ -62,3 +62,10 @@ while [ "$r" -le "$rounds" ]; do
 	r=$((r + 1))
 done
 bin/farmctl status --farm "$gw" | sed -n '/^execution/,/^$/p'
+# The gateway's own time per action (its metrics, all rounds): the hop's
+# cost without the noise of the builds' wall times.
+curl -s http://127.0.0.1:19009/metrics | awk '
+	/^tvixfarm_gateway_phase_duration_seconds_sum/ { match($0, /phase="[a-z]*"/); p = substr($0, RSTART + 7, RLENGTH - 8); sum[p] = $2 }
+	/^tvixfarm_gateway_phase_duration_seconds_count/ { match($0, /phase="[a-z]*"/); p = substr($0, RSTART + 7, RLENGTH - 8); n[p] = $2 }
+	END { for (p in sum) printf "gateway phase %s: %.2f ms per action (%d actions)\n", p, sum[p] * 1000 / n[p], n[p]
+	      printf "gateway hop (upload + fetch): %.2f ms per action\n", (sum["upload"] + sum["fetch"]) * 1000 / n["upload"] }'

@@ -520,12 +520,14 @@ func (g *Remote) run(ctx context.Context, o *op, st blobstore.Stores, ad digest.
 }
 
 func (g *Remote) forward(ctx context.Context, o *op, st blobstore.Stores, ad digest.Digest, action *repb.Action, cmd *repb.Command, req *repb.ExecuteRequest) (*repb.ExecuteResponse, error) {
+	t0 := time.Now()
 	select {
 	case g.sem <- struct{}{}:
 	case <-ctx.Done():
 		return nil, status.FromContextError(ctx.Err()).Err()
 	}
 	defer func() { <-g.sem }()
+	observe("queue", &t0)
 	g.forwarded.Add(1)
 	ra, rc := g.rewrite(action, cmd)
 	cmdData := marshal(rc)
@@ -542,7 +544,9 @@ func (g *Remote) forward(ctx context.Context, o *op, st blobstore.Stores, ad dig
 		if err := g.upload(ctx, st.CAS, root, extra, attempt > 0); err != nil {
 			return nil, fmt.Errorf("uploading the inputs: %w", err)
 		}
+		observe("upload", &t0)
 		resp, err = g.execute(ctx, o, rad, req)
+		observe("execute", &t0)
 		if attempt == 0 && isMissing(err, resp) {
 			// The remote evicted blobs the gateway took for present.
 			g.log.Info("gateway: the remote lacks inputs; uploading them again", "action", ad.Sprint())
@@ -566,6 +570,7 @@ func (g *Remote) forward(ctx context.Context, o *op, st blobstore.Stores, ad dig
 			g.log.Warn("gateway: storing the action result", "action", ad.Sprint(), "err", err)
 		}
 	}
+	observe("fetch", &t0)
 	return resp, nil
 }
 
