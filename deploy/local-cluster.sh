@@ -4,6 +4,7 @@
 #   storage     127.0.0.10:8980 (Nix binary cache on :8981)
 #   scheduler   node1..node3 at 127.0.0.11..13:8980 (Nix binary cache on :8981,
 #               raft on :8982), one raft cluster
+#               metrics and Go profiles on :8983 (/metrics, /debug/pprof/)
 #   executors   exec1, exec2 at 127.0.0.21..22:8980, connected to node1 and node2
 # `up` prints the address for clients on a line of its own: "client: HOST:PORT",
 # and the binary cache's URL: "binary cache: http://HOST:PORT".
@@ -55,6 +56,7 @@ up() {
 	for n in $nodes; do
 		id=${n%%:*} host=${n#*:}
 		cat >"$dir/$id.yaml" <<YAML
+metrics_listen: "$host:8983"
 scheduler:
   node_id: $id
   raft_listen: "$host:8982"

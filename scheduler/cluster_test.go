@@ -147,6 +147,7 @@ func (c *cluster) start(id string) {
 	longrunningpb.RegisterOperationsServer(srv, ex)
 	workerpb.RegisterWorkersServer(srv, ws)
 	adminpb.RegisterClusterServer(srv, scheduler.NewCluster(n, ws))
+	schedulerpb.RegisterLeaderServer(srv, fwd)
 	var lis net.Listener
 	for i := 0; ; i++ {
 		if lis, err = net.Listen("tcp", c.client[id]); err == nil || i > 50 {

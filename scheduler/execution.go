@@ -74,7 +74,9 @@ func NewExecution(n *Node, stores *blobstore.Instances, ws *Workers, cfg Executi
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Execution{n: n, stores: stores, cfg: cfg, log: log, ws: ws}
+	e := &Execution{n: n, stores: stores, cfg: cfg, log: log, ws: ws}
+	n.setAdmission(e.admit)
+	return e
 }
 
 // Execute runs an action, or answers from the action cache.
@@ -106,15 +108,6 @@ func (e *Execution) Execute(req *repb.ExecuteRequest, stream grpc.ServerStreamin
 	if err != nil {
 		return err
 	}
-	var unsat string
-	e.n.Read(func(s *state.State) {
-		if k, v, ok := s.Unsatisfiable(platform); ok {
-			unsat = describeUnsat(k, v)
-		}
-	})
-	if unsat != "" && e.ws.settled(e.cfg.PlatformGrace) {
-		return status.Errorf(codes.FailedPrecondition, "action %s: no worker can run it: %s", ad.Sprint(), unsat)
-	}
 	md := requestMetadata(ctx)
 	waiter := "exec/" + uuid.NewString()
 	var prio int32
@@ -132,26 +125,61 @@ func (e *Execution) Execute(req *repb.ExecuteRequest, stream grpc.ServerStreamin
 		Waiter:             waiter,
 		CancelOnDisconnect: e.cfg.CancelOnDisconnect,
 		TimeUnixNano:       time.Now().UnixNano(),
+		DoNotCache:         action.DoNotCache,
 	}
-	res, err := e.n.Apply(ctx, &schedulerpb.Command{Command: &schedulerpb.Command_Submit{Submit: sub}})
+	cmd := &schedulerpb.Command{Command: &schedulerpb.Command_Submit{Submit: sub}}
+	if e.n.IsLeader() {
+		// On a follower, the leader checks forwarded Submits.
+		if err := e.admit(cmd); err != nil {
+			return err
+		}
+	}
+	res, index, err := e.n.apply(ctx, []*schedulerpb.Command{cmd})
 	if err != nil {
 		return err
 	}
 	if res[0].Err != nil {
 		return res[0].Err
 	}
-	if !res[0].Deduplicated {
-		e.ws.noCache.Store(res[0].Operation, action.DoNotCache)
+	// The operation is in the log: tell the client its name at once,
+	// before this node's state (on a follower) shows it.
+	stage := schedulerpb.Stage_STAGE_QUEUED
+	if res[0].Executing {
+		stage = schedulerpb.Stage_STAGE_EXECUTING
 	}
-	return e.follow(ctx, stream, res[0].Operation, waiter)
+	if err := stream.Send(operation(res[0].Operation, ad, stage, nil)); err != nil {
+		e.detach(waiter, res[0].Operation)
+		return err
+	}
+	return e.follow(ctx, stream, res[0].Operation, waiter, index, stage)
+}
+
+// admit fails a Submit of an action that no registered worker could run,
+// once the workers have had time to connect to this leader. It runs on
+// the leader, for its own Executes and for those followers forward.
+func (e *Execution) admit(c *schedulerpb.Command) error {
+	sub := c.GetSubmit()
+	if sub == nil {
+		return nil
+	}
+	var unsat string
+	e.n.Read(func(s *state.State) {
+		if k, v, ok := s.Unsatisfiable(sub.Platform); ok {
+			unsat = describeUnsat(k, v)
+		}
+	})
+	if unsat != "" && e.ws.settled(e.cfg.PlatformGrace) {
+		return status.Errorf(codes.FailedPrecondition, "action %s/%d: no worker can run it: %s", sub.GetActionDigest().GetHash(), sub.GetActionDigest().GetSizeBytes(), unsat)
+	}
+	return nil
 }
 
 // WaitExecution follows an operation until it completes.
 func (e *Execution) WaitExecution(req *repb.WaitExecutionRequest, stream grpc.ServerStreamingServer[longrunningpb.Operation]) error {
 	ctx := stream.Context()
 	waiter := "wait/" + uuid.NewString()
-	res, err := e.n.Apply(ctx, &schedulerpb.Command{Command: &schedulerpb.Command_Attach{Attach: &schedulerpb.Attach{
-		Operation: req.Name, Waiter: waiter, TimeUnixNano: time.Now().UnixNano()}}})
+	res, index, err := e.n.apply(ctx, []*schedulerpb.Command{{Command: &schedulerpb.Command_Attach{Attach: &schedulerpb.Attach{
+		Operation: req.Name, Waiter: waiter, TimeUnixNano: time.Now().UnixNano()}}}})
 	if err != nil {
 		return err
 	}
@@ -161,44 +189,56 @@ func (e *Execution) WaitExecution(req *repb.WaitExecutionRequest, stream grpc.Se
 	if res[0].Err != nil || res[0].Stale {
 		waiter = "" // completed: nothing to detach
 	}
-	return e.follow(ctx, stream, req.Name, waiter)
+	return e.follow(ctx, stream, req.Name, waiter, index, schedulerpb.Stage_STAGE_UNSPECIFIED)
 }
 
-// follow streams the operation's stages until it completes. When the
-// client goes away first, its waiter is detached (which cancels the
-// operation if it asked for that and nobody else waits). When this node
-// stops leading, the stream ends with UNAVAILABLE: the client resumes
-// with WaitExecution on the new leader.
-func (e *Execution) follow(ctx context.Context, stream grpc.ServerStreamingServer[longrunningpb.Operation], name, waiter string) error {
+// follow streams the operation's stages from this node's state until it
+// completes, once the state has applied the log entry at index; the
+// client has already been sent stage sent. When the client goes away
+// first, its waiter is detached (which cancels the operation if it asked
+// for that and nobody else waits). When this node loses touch with the
+// cluster, the stream ends with UNAVAILABLE: the client resumes with
+// WaitExecution on another node.
+func (e *Execution) follow(ctx context.Context, stream grpc.ServerStreamingServer[longrunningpb.Operation], name, waiter string, index uint64, sent schedulerpb.Stage) error {
 	w := e.n.Watch(name)
 	defer w.Stop()
-	lost := e.n.LeadershipLost()
-	var last schedulerpb.Stage
+	lost := e.n.ContactLost()
+	if err := e.n.waitApplied(ctx, index); err != nil {
+		if ctx.Err() != nil {
+			e.detach(waiter, name)
+			return status.FromContextError(ctx.Err()).Err()
+		}
+		return err
+	}
+	last := sent
 	// Streams are resent every so often so proxies keep them open and
 	// clients see the operation is alive.
 	keepalive := time.NewTicker(30 * time.Second)
 	defer keepalive.Stop()
 	for {
-		op, ok := e.watched(w)
-		if !ok {
-			return status.Errorf(codes.NotFound, "operation %q not found", name)
-		}
-		if op.Done || op.Metadata != nil && stageOf(op) != last {
+		var stage schedulerpb.Stage
+		var ok bool
+		e.n.Read(func(s *state.State) { stage, ok = s.Stage(name) })
+		if !ok || stage == schedulerpb.Stage_STAGE_COMPLETED || stage != last {
+			op, ok := e.watched(w)
+			if !ok {
+				return status.Errorf(codes.NotFound, "operation %q not found", name)
+			}
 			if err := stream.Send(op); err != nil {
 				e.detach(waiter, name)
 				return err
 			}
+			if op.Done {
+				return nil
+			}
 			last = stageOf(op)
-		}
-		if op.Done {
-			return nil
 		}
 		select {
 		case <-w.C:
 		case <-keepalive.C:
 			last = schedulerpb.Stage_STAGE_UNSPECIFIED
 		case <-lost:
-			return status.Errorf(codes.Unavailable, "scheduler: %s is no longer the leader; resume with WaitExecution", e.n.ID())
+			return status.Errorf(codes.Unavailable, "scheduler: %s lost touch with the cluster's leader; resume with WaitExecution", e.n.ID())
 		case <-ctx.Done():
 			e.detach(waiter, name)
 			return status.FromContextError(ctx.Err()).Err()

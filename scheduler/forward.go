@@ -12,6 +12,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"tvixfarm/internal/rpc"
+	schedulerpb "tvixfarm/proto/tvixfarm/scheduler/v1"
+	"tvixfarm/scheduler/state"
 )
 
 // forwardedKey marks a forwarded call, so that a node that is no longer
@@ -19,8 +21,10 @@ import (
 const forwardedKey = "x-tvixfarm-forwarded"
 
 // ForwardedServices are the gRPC services whose calls run on the leader.
+// Execution's calls (Execute, WaitExecution) run on the node the client
+// called: it applies their commands through the leader (Node.Apply) and
+// streams the operation from its own copy of the state.
 var ForwardedServices = []string{
-	"/build.bazel.remote.execution.v2.Execution/",
 	"/google.longrunning.Operations/",
 	"/tvixfarm.worker.v1.Workers/",
 	"/tvixfarm.admin.v1.Cluster/",
@@ -28,17 +32,25 @@ var ForwardedServices = []string{
 
 // Forwarder makes any node accept any client or worker call: on a
 // follower, calls of ForwardedServices are proxied, undecoded, to the
-// leader's client address. Install its interceptors on the gRPC server.
+// leader's client address, and the node's Apply sends its batches to the
+// leader's Leader service, which the Forwarder also serves. Install its
+// interceptors on the gRPC server and register it as the Leader server.
 type Forwarder struct {
+	schedulerpb.UnimplementedLeaderServer
 	n *Node
 
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
 }
 
-// NewForwarder returns a Forwarder for node n.
+// NewForwarder returns a Forwarder for node n, and makes n apply through
+// it while n follows.
 func NewForwarder(n *Node) *Forwarder {
-	return &Forwarder{n: n, conns: make(map[string]*grpc.ClientConn)}
+	f := &Forwarder{n: n, conns: make(map[string]*grpc.ClientConn)}
+	n.mu.Lock()
+	n.remote = f.applyOnLeader
+	n.mu.Unlock()
+	return f
 }
 
 // Close closes the connections to leaders.
@@ -70,6 +82,11 @@ func (f *Forwarder) target(ctx context.Context, method string) (*grpc.ClientConn
 	if md, _ := metadata.FromIncomingContext(ctx); len(md.Get(forwardedKey)) > 0 {
 		return nil, status.Error(codes.Unavailable, "scheduler: not the leader (forwarded call)")
 	}
+	return f.leader()
+}
+
+// leader returns a connection to the leader.
+func (f *Forwarder) leader() (*grpc.ClientConn, error) {
 	id, addr := f.n.Leader()
 	if id == "" || addr == "" || id == f.n.ID() {
 		return nil, status.Error(codes.Unavailable, "scheduler: no leader yet; retry")
@@ -122,4 +139,82 @@ func (f *Forwarder) StreamInterceptor() grpc.StreamServerInterceptor {
 		}
 		return rpc.Proxy(ss, conn, info.FullMethod, &grpc.StreamDesc{ServerStreams: info.IsServerStream, ClientStreams: info.IsClientStream}, forwardedKey, "1")
 	}
+}
+
+// applyOnLeader applies a batch on the leader: Node.Apply on a follower.
+func (f *Forwarder) applyOnLeader(ctx context.Context, b *schedulerpb.Batch) ([]state.Result, uint64, error) {
+	conn, err := f.leader()
+	if err != nil {
+		return nil, 0, err
+	}
+	resp, err := schedulerpb.NewLeaderClient(conn).Apply(ctx, &schedulerpb.ApplyRequest{Batch: b})
+	if err != nil {
+		if _, ok := status.FromError(err); !ok || status.Code(err) == codes.Unknown {
+			err = status.Errorf(codes.Unavailable, "scheduler: applying on the leader: %v", err)
+		}
+		return nil, 0, err
+	}
+	if len(resp.Results) != len(b.Commands) {
+		return nil, 0, status.Errorf(codes.Internal, "scheduler: the leader answered %d results for %d commands", len(resp.Results), len(b.Commands))
+	}
+	results := make([]state.Result, len(resp.Results))
+	for i, r := range resp.Results {
+		results[i] = state.Result{Operation: r.Operation, Deduplicated: r.Deduplicated, Stale: r.Stale,
+			Cancelled: r.Cancelled, Removed: int(r.Removed), Executing: r.Executing}
+		if e := r.Error; e != nil {
+			results[i].Err = status.Error(codes.Code(e.Code), e.Message)
+		}
+	}
+	return results, resp.Index, nil
+}
+
+// Apply serves a follower's Node.Apply: it applies the batch's commands
+// on this node, which must lead. Commands the node's admission check
+// rejects (see Execution) fail alone, without being applied.
+func (f *Forwarder) Apply(ctx context.Context, req *schedulerpb.ApplyRequest) (*schedulerpb.ApplyResponse, error) {
+	if !f.n.IsLeader() {
+		return nil, status.Error(codes.Unavailable, "scheduler: not the leader")
+	}
+	cmds := req.GetBatch().GetCommands()
+	out := make([]*schedulerpb.CommandResult, len(cmds))
+	admitted := cmds
+	var idx []int // of admitted commands in cmds, when some are not
+	if admit := f.n.admission(); admit != nil {
+		admitted = make([]*schedulerpb.Command, 0, len(cmds))
+		for i, c := range cmds {
+			if err := admit(c); err != nil {
+				out[i] = &schedulerpb.CommandResult{Error: statusOf(err)}
+				continue
+			}
+			admitted = append(admitted, c)
+			idx = append(idx, i)
+		}
+	}
+	resp := &schedulerpb.ApplyResponse{Results: out}
+	if len(admitted) == 0 {
+		return resp, nil
+	}
+	results, index, err := f.n.apply(ctx, admitted)
+	if err != nil {
+		return nil, err
+	}
+	resp.Index = index
+	for j, r := range results {
+		i := j
+		if idx != nil {
+			i = idx[j]
+		}
+		out[i] = &schedulerpb.CommandResult{Operation: r.Operation, Deduplicated: r.Deduplicated, Stale: r.Stale,
+			Cancelled: r.Cancelled, Removed: int64(r.Removed), Executing: r.Executing}
+		if r.Err != nil {
+			out[i].Error = statusOf(r.Err)
+		}
+	}
+	return resp, nil
+}
+
+// statusOf is err as a Status (code and message).
+func statusOf(err error) *schedulerpb.Status {
+	st := status.Convert(err)
+	return &schedulerpb.Status{Code: int32(st.Code()), Message: st.Message()}
 }

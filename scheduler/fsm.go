@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"bufio"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -52,16 +53,51 @@ type fsm struct {
 	// later than the change; it must be quick. onApply is called after.
 	locked  func(*state.Response)
 	onApply func(*state.Response)
+
+	// applied is the index of the last entry applied; appliedCh is
+	// closed (and replaced) whenever it grows.
+	amu       sync.Mutex
+	applied   uint64
+	appliedCh chan struct{}
 }
 
 func newFSM(cfg state.Config, locked, onApply func(*state.Response)) *fsm {
-	return &fsm{st: state.New(cfg), members: make(map[string]string), locked: locked, onApply: onApply}
+	return &fsm{st: state.New(cfg), members: make(map[string]string), locked: locked, onApply: onApply, appliedCh: make(chan struct{})}
+}
+
+// setApplied records that the entry at index has been applied.
+func (f *fsm) setApplied(index uint64) {
+	f.amu.Lock()
+	if index > f.applied {
+		f.applied = index
+		close(f.appliedCh)
+		f.appliedCh = make(chan struct{})
+	}
+	f.amu.Unlock()
+}
+
+// waitApplied waits until the entry at index has been applied.
+func (f *fsm) waitApplied(ctx context.Context, index uint64) error {
+	for {
+		f.amu.Lock()
+		applied, ch := f.applied, f.appliedCh
+		f.amu.Unlock()
+		if applied >= index {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 }
 
 // Apply applies one log entry. For a batch it returns the
 // *state.Response; for anything else nil (or an error for a corrupt
 // entry, which a correct leader never writes).
 func (f *fsm) Apply(l *raft.Log) any {
+	defer f.setApplied(l.Index)
 	if l.Type != raft.LogCommand || len(l.Data) == 0 {
 		return nil
 	}

@@ -82,6 +82,15 @@ type Node struct {
 	// leading is closed when this node's leadership ends; nil while it
 	// does not lead.
 	leading chan struct{}
+	// contact is closed when this node loses touch with the cluster: it
+	// neither leads nor hears from a leader; nil while it is cut off.
+	contact chan struct{}
+	// remote applies a batch on the leader (see Forwarder); nil until a
+	// Forwarder is attached.
+	remote func(ctx context.Context, b *schedulerpb.Batch) ([]state.Result, uint64, error)
+	// admit, if set, vets the commands that followers forward before
+	// the leader applies them (see Execution.admit).
+	admit func(*schedulerpb.Command) error
 }
 
 // applyReq is a caller's commands waiting to be batched.
@@ -92,7 +101,9 @@ type applyReq struct {
 
 type applyResult struct {
 	results []state.Result
-	err     error
+	// index is the raft index of the log entry the commands are in.
+	index uint64
+	err   error
 }
 
 const (
@@ -101,6 +112,10 @@ const (
 	// maxInflight bounds the raft applies in flight; more callers wait
 	// and are batched together.
 	maxInflight = 4
+	// contactTimeout is how long a follower goes without hearing from
+	// the leader before it considers itself cut off (raft's own
+	// heartbeat timeout usually notices first).
+	contactTimeout = time.Second
 )
 
 // NewNode starts a raft node. It returns once raft runs; leadership comes
@@ -123,7 +138,7 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	if err := os.MkdirAll(cfg.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("scheduler: %w", err)
 	}
-	n := &Node{cfg: cfg, log: log, reqs: make(chan *applyReq, 1024), watchers: make(map[string]map[*Watch]struct{})}
+	n := &Node{cfg: cfg, log: log, reqs: make(chan *applyReq, 4096), watchers: make(map[string]map[*Watch]struct{})}
 	n.fsm = newFSM(cfg.State, n.removed, n.applied)
 
 	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.Dir, "raft.db"))
@@ -424,25 +439,60 @@ func (n *Node) announce() {
 }
 
 // Apply runs commands through raft and returns their results, in order.
-// Commands of concurrent callers share log entries. It fails with
-// UNAVAILABLE when this node is not the leader or loses leadership.
+// Commands of concurrent callers share log entries. On a follower they
+// are sent to the leader, batched, and Apply returns once this node's
+// own state has applied them, so the caller reads its writes. It fails
+// with UNAVAILABLE when no leader can be reached or leadership is lost
+// meanwhile.
 func (n *Node) Apply(ctx context.Context, cmds ...*schedulerpb.Command) ([]state.Result, error) {
+	res, index, err := n.apply(ctx, cmds)
+	if err != nil {
+		return nil, err
+	}
+	if err := n.waitApplied(ctx, index); err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+// waitApplied waits until this node's state has applied the log entry
+// at index (on the leader, Apply's entries already are), within the
+// apply timeout.
+func (n *Node) waitApplied(ctx context.Context, index uint64) error {
+	ctx, cancel := context.WithTimeout(ctx, n.cfg.ApplyTimeout)
+	defer cancel()
+	select {
+	case <-n.ctx.Done():
+		return status.Error(codes.Unavailable, "scheduler: shutting down")
+	default:
+	}
+	if err := n.fsm.waitApplied(ctx, index); err != nil {
+		return status.Errorf(codes.Unavailable, "scheduler: %s has not caught up with the leader (log index %d): %v", n.cfg.ID, index, err)
+	}
+	return nil
+}
+
+// apply is Apply that returns as soon as the leader has applied the
+// commands, with the raft index of their entry; this node's state may
+// not show them yet.
+func (n *Node) apply(ctx context.Context, cmds []*schedulerpb.Command) ([]state.Result, uint64, error) {
 	req := &applyReq{cmds: cmds, done: make(chan applyResult, 1)}
 	select {
 	case n.reqs <- req:
 	case <-ctx.Done():
-		return nil, status.FromContextError(ctx.Err()).Err()
+		return nil, 0, status.FromContextError(ctx.Err()).Err()
 	case <-n.ctx.Done():
-		return nil, status.Error(codes.Unavailable, "scheduler: shutting down")
+		return nil, 0, status.Error(codes.Unavailable, "scheduler: shutting down")
 	}
 	// The commands are in the log or about to be: wait for the outcome
 	// even if ctx ends, so the caller knows what happened.
 	r := <-req.done
-	return r.results, r.err
+	return r.results, r.index, r.err
 }
 
 // batcher collects waiting requests into batches and applies them, with
-// up to maxInflight applies outstanding.
+// up to maxInflight applies outstanding: through raft on the leader, on
+// the leader over gRPC (Forwarder) on a follower.
 func (n *Node) batcher() {
 	defer n.wg.Done()
 	sem := make(chan struct{}, maxInflight)
@@ -479,11 +529,22 @@ func (n *Node) batcher() {
 		for _, r := range reqs {
 			batch.Commands = append(batch.Commands, r.cmds...)
 		}
+		n.mu.Lock()
+		remote := n.remote
+		n.mu.Unlock()
+		if !n.IsLeader() && remote != nil {
+			inflight.Add(1)
+			go func() {
+				defer inflight.Done()
+				defer func() { <-sem }()
+				results, index, err := n.applyRemote(remote, batch)
+				deliverResults(reqs, results, index, err)
+			}()
+			continue
+		}
 		data, err := proto.Marshal(batch)
 		if err != nil {
-			for _, r := range reqs {
-				r.done <- applyResult{err: status.Errorf(codes.Internal, "scheduler: %v", err)}
-			}
+			deliverResults(reqs, nil, 0, status.Errorf(codes.Internal, "scheduler: %v", err))
 			<-sem
 			continue
 		}
@@ -502,17 +563,44 @@ func (n *Node) batcher() {
 					err = v
 				}
 			}
-			i := 0
-			for _, r := range reqs {
-				if err != nil || resp == nil {
-					r.done <- applyResult{err: raftError(cmpErr(err))}
-					continue
-				}
-				r.done <- applyResult{results: resp.Results[i : i+len(r.cmds)]}
-				i += len(r.cmds)
+			if err != nil || resp == nil {
+				deliverResults(reqs, nil, 0, raftError(cmpErr(err)))
+				return
 			}
+			deliverResults(reqs, resp.Results, f.Index(), nil)
 		}()
 	}
+}
+
+// deliverResults hands each request its part of a batch's results, or err.
+func deliverResults(reqs []*applyReq, results []state.Result, index uint64, err error) {
+	if err == nil && len(results) != batchLen(reqs) {
+		err = status.Errorf(codes.Internal, "scheduler: %d results for %d commands", len(results), batchLen(reqs))
+	}
+	i := 0
+	for _, r := range reqs {
+		if err != nil {
+			r.done <- applyResult{err: err}
+			continue
+		}
+		r.done <- applyResult{results: results[i : i+len(r.cmds)], index: index}
+		i += len(r.cmds)
+	}
+}
+
+func batchLen(reqs []*applyReq) int {
+	n := 0
+	for _, r := range reqs {
+		n += len(r.cmds)
+	}
+	return n
+}
+
+// applyRemote applies a batch on the leader.
+func (n *Node) applyRemote(remote func(context.Context, *schedulerpb.Batch) ([]state.Result, uint64, error), b *schedulerpb.Batch) ([]state.Result, uint64, error) {
+	ctx, cancel := context.WithTimeout(n.ctx, n.cfg.ApplyTimeout)
+	defer cancel()
+	return remote(ctx, b)
 }
 
 func cmpErr(err error) error {
@@ -630,17 +718,55 @@ func (n *Node) LeadershipLost() <-chan struct{} {
 
 var closed = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
 
-// updateLeading opens or closes n.leading after raft's state.
-func (n *Node) updateLeading() {
+// ContactLost returns a channel that is closed when this node loses
+// touch with the cluster (it neither leads nor has heard from a leader
+// within a second), or already closed if it has. Streams served from a
+// node's own state end then: its state may have stopped changing, and
+// the clients must resume elsewhere. A leader that hands over its
+// leadership and follows the new one stays in touch.
+func (n *Node) ContactLost() <-chan struct{} {
+	n.updateLeading()
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if n.contact == nil {
+		return closed
+	}
+	return n.contact
+}
+
+// inContact reports whether this node leads or has heard from a leader
+// lately.
+func (n *Node) inContact() bool {
+	if n.ctx.Err() != nil {
+		return false // closed
+	}
+	if n.IsLeader() {
+		return true
+	}
+	_, id := n.raft.LeaderWithID()
+	return id != "" && id != raft.ServerID(n.cfg.ID) && time.Since(n.raft.LastContact()) < contactTimeout
+}
+
+// updateLeading opens or closes n.leading and n.contact after raft's
+// state.
+func (n *Node) updateLeading() {
 	leader := n.IsLeader()
+	contact := n.inContact()
+	n.mu.Lock()
+	defer n.mu.Unlock()
 	switch {
 	case leader && n.leading == nil:
 		n.leading = make(chan struct{})
 	case !leader && n.leading != nil:
 		close(n.leading)
 		n.leading = nil
+	}
+	switch {
+	case contact && n.contact == nil:
+		n.contact = make(chan struct{})
+	case !contact && n.contact != nil:
+		close(n.contact)
+		n.contact = nil
 	}
 }
 
@@ -733,3 +859,17 @@ func trimNL(p []byte) []byte {
 }
 
 var _ io.Writer = slogWriter{}
+
+// setAdmission makes the leader vet forwarded commands with admit before
+// applying them.
+func (n *Node) setAdmission(admit func(*schedulerpb.Command) error) {
+	n.mu.Lock()
+	n.admit = admit
+	n.mu.Unlock()
+}
+
+func (n *Node) admission() func(*schedulerpb.Command) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.admit
+}

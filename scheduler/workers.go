@@ -50,10 +50,6 @@ type Workers struct {
 	cfg    WorkersConfig
 	log    *slog.Logger
 	stores *blobstore.Instances
-	// noCache holds, by operation, whether its action asked for
-	// do_not_cache, as Execute saw it (lost on failover: then the Action
-	// is read again).
-	noCache sync.Map
 
 	mu          sync.Mutex
 	sessions    map[string]*session
@@ -177,7 +173,7 @@ func (w *Workers) Connect(stream grpc.BidiStreamingServer[workerpb.WorkerMessage
 		}
 	}()
 	recvc := make(chan error, 1)
-	sem := make(chan struct{}, 256)
+	results := make(chan *workerpb.Result, 4096)
 	go func() {
 		for {
 			m, err := stream.Recv()
@@ -188,40 +184,28 @@ func (w *Workers) Connect(stream grpc.BidiStreamingServer[workerpb.WorkerMessage
 			w.mu.Lock()
 			s.lastSeen = time.Now()
 			w.mu.Unlock()
+			var rs []*workerpb.Result
 			switch m := m.Msg.(type) {
 			case *workerpb.WorkerMessage_Heartbeat:
 			case *workerpb.WorkerMessage_Result:
-				// Results are applied concurrently, so that they share
-				// raft entries; each is acknowledged once recorded.
-				r := m.Result
-				select {
-				case sem <- struct{}{}:
-				case <-s.done:
-					recvc <- status.Error(codes.Unavailable, "scheduler: session closed")
-					return
-				}
-				go func() {
-					defer func() { <-sem }()
-					w.cache(ctx, r.Operation, r.ExecuteResponse)
-					if _, err := w.n.Apply(ctx, &schedulerpb.Command{Command: &schedulerpb.Command_Complete{Complete: &schedulerpb.Complete{
-						Operation: r.Operation, Worker: s.worker, Lease: r.Lease, Result: r.ExecuteResponse, TimeUnixNano: time.Now().UnixNano()}}}); err != nil {
-						// Unacknowledged: the worker sends it again on its
-						// next session.
-						w.log.Debug("scheduler: recording a result failed", "op", r.Operation, "err", err)
-						s.close()
-						return
-					}
-					select {
-					case s.send <- &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Ack{Ack: &workerpb.ResultAck{Operation: r.Operation, Lease: r.Lease}}}:
-					case <-s.done:
-					}
-				}()
+				rs = []*workerpb.Result{m.Result}
+			case *workerpb.WorkerMessage_Results:
+				rs = m.Results.Results
 			default:
 				recvc <- status.Error(codes.InvalidArgument, "unexpected message from a worker")
 				return
 			}
+			for _, r := range rs {
+				select {
+				case results <- r:
+				case <-s.done:
+					recvc <- status.Error(codes.Unavailable, "scheduler: session closed")
+					return
+				}
+			}
 		}
 	}()
+	go w.record(ctx, s, results)
 	select {
 	case err = <-errc:
 	case err = <-recvc:
@@ -231,6 +215,89 @@ func (w *Workers) Connect(stream grpc.BidiStreamingServer[workerpb.WorkerMessage
 		return status.FromContextError(err).Err()
 	}
 	return err
+}
+
+// maxResultBatch bounds the results recorded in one Apply.
+const maxResultBatch = 1024
+
+// record applies the results of session s as they arrive: those that
+// arrive together are written to the action cache in parallel, then
+// completed in one Apply and acknowledged in one message, with a few
+// batches in flight so that the batches grow with the load. It returns
+// when the session ends.
+func (w *Workers) record(ctx context.Context, s *session, results <-chan *workerpb.Result) {
+	sem := make(chan struct{}, maxInflight)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		var first *workerpb.Result
+		select {
+		case first = <-results:
+		case <-s.done:
+			return
+		}
+		select {
+		case sem <- struct{}{}:
+		case <-s.done:
+			return
+		}
+		batch := []*workerpb.Result{first}
+	collect:
+		for len(batch) < maxResultBatch {
+			select {
+			case r := <-results:
+				batch = append(batch, r)
+			default:
+				break collect
+			}
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			w.complete(ctx, s, batch)
+		}()
+	}
+}
+
+// complete records a batch of results of session s and acknowledges
+// them. Unacknowledged results (the Apply failed) are sent again by the
+// worker on its next session, so the session is closed.
+func (w *Workers) complete(ctx context.Context, s *session, batch []*workerpb.Result) {
+	// The action cache first, so that a client that sees an operation
+	// completed finds its result cached.
+	type entry struct {
+		r    *workerpb.Result
+		info state.Action
+	}
+	var cacheable []entry
+	w.n.Read(func(st *state.State) {
+		for _, r := range batch {
+			if info, ok := st.Leased(r.Operation, r.Lease); ok && !info.DoNotCache {
+				cacheable = append(cacheable, entry{r, info})
+			}
+		}
+	})
+	blobstore.ParallelFor(len(cacheable), func(i int) { w.cache(ctx, cacheable[i].info, cacheable[i].r.ExecuteResponse) })
+	now := time.Now().UnixNano()
+	cmds := make([]*schedulerpb.Command, len(batch))
+	for i, r := range batch {
+		cmds[i] = &schedulerpb.Command{Command: &schedulerpb.Command_Complete{Complete: &schedulerpb.Complete{
+			Operation: r.Operation, Worker: s.worker, Lease: r.Lease, Result: r.ExecuteResponse, TimeUnixNano: now}}}
+	}
+	if _, err := w.n.Apply(ctx, cmds...); err != nil {
+		w.log.Debug("scheduler: recording results failed", "results", len(batch), "err", err)
+		s.close()
+		return
+	}
+	acks := make([]*workerpb.ResultAck, len(batch))
+	for i, r := range batch {
+		acks[i] = &workerpb.ResultAck{Operation: r.Operation, Lease: r.Lease}
+	}
+	select {
+	case s.send <- &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Acks{Acks: &workerpb.ResultAcks{Acks: acks}}}:
+	case <-s.done:
+	}
 }
 
 // deliver sends a batch's assignments and cancellations to the workers'
@@ -257,10 +324,19 @@ func (w *Workers) deliver(resp *state.Response) {
 			s.close()
 		}
 	}
+	// One message per worker with its assignments, in order.
+	var order []string
+	assigns := make(map[string][]*workerpb.Assign)
 	for _, a := range resp.Assignments {
-		send(a.Worker, &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Assign{Assign: &workerpb.Assign{
+		if assigns[a.Worker] == nil {
+			order = append(order, a.Worker)
+		}
+		assigns[a.Worker] = append(assigns[a.Worker], &workerpb.Assign{
 			Operation: a.Operation, Lease: a.Lease, InstanceName: a.Instance, DigestFunction: a.DigestFunction,
-			ActionHash: a.ActionDigest.GetHash(), ActionSize: a.ActionDigest.GetSizeBytes(), QueuedUnixNano: a.QueuedUnixNano}}})
+			ActionHash: a.ActionDigest.GetHash(), ActionSize: a.ActionDigest.GetSizeBytes(), QueuedUnixNano: a.QueuedUnixNano})
+	}
+	for _, wk := range order {
+		send(wk, &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Assignments{Assignments: &workerpb.Assignments{Assigns: assigns[wk]}}})
 	}
 	for _, c := range resp.Cancellations {
 		send(c.Worker, &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Cancel{Cancel: &workerpb.Cancel{Operation: c.Operation}}})
@@ -374,39 +450,25 @@ func (w *Workers) Drain(ctx context.Context, worker string, drained bool) error 
 	return res[0].Err
 }
 
-// cache stores a successful result in the action cache, unless its action
-// asked for do_not_cache, before the operation completes: a client that
-// sees it completed finds it cached.
-func (w *Workers) cache(ctx context.Context, op string, data []byte) {
-	noCache, known := w.noCache.LoadAndDelete(op)
+// cache stores the ExecuteResponse data of action info in the action
+// cache if it is a success.
+func (w *Workers) cache(ctx context.Context, info state.Action, data []byte) {
 	var resp repb.ExecuteResponse
 	if err := proto.Unmarshal(data, &resp); err != nil || resp.Result == nil || resp.Result.ExitCode != 0 ||
-		resp.Status.GetCode() != int32(codes.OK) || (known && noCache.(bool)) {
-		return
-	}
-	var info *schedulerpb.Operation
-	var ok bool
-	w.n.Read(func(s *state.State) { info, ok = s.Operation(op) })
-	if !ok || info.Stage != schedulerpb.Stage_STAGE_EXECUTING {
+		resp.Status.GetCode() != int32(codes.OK) {
 		return
 	}
 	fn, err := digest.FunctionFromProto(repb.DigestFunction_Value(info.DigestFunction))
 	if err != nil {
 		return
 	}
-	ad, err := digest.Parse(fn, info.ActionDigest.GetHash(), info.ActionDigest.GetSizeBytes())
+	ad, err := digest.Parse(fn, info.Digest.GetHash(), info.Digest.GetSizeBytes())
 	if err != nil {
 		return
 	}
-	st := w.stores.For(info.InstanceName)
+	st := w.stores.For(info.Instance)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	if !known {
-		var action repb.Action
-		if err := getProto(ctx, st.CAS, ad, &action); err != nil || action.DoNotCache {
-			return
-		}
-	}
 	if err := grpcservers.PutActionResult(ctx, st, ad, resp.Result); err != nil {
 		w.log.Warn("scheduler: cannot store an action result", "action", ad.Sprint(), "err", err)
 	}

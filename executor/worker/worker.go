@@ -60,8 +60,9 @@ type Worker struct {
 	// gen counts sessions: assignments that arrive on an ended session
 	// (after the next one listed what runs) are ignored; the scheduler
 	// has requeued them.
-	gen  uint64
-	send chan *workerpb.WorkerMessage
+	gen uint64
+	// send carries the session's results to its sender.
+	send chan *workerpb.Result
 }
 
 type job struct {
@@ -134,7 +135,7 @@ func (w *Worker) session(ctx context.Context) error {
 	for op := range w.pending {
 		running = append(running, op)
 	}
-	send := make(chan *workerpb.WorkerMessage, 1024)
+	send := make(chan *workerpb.Result, 4096)
 	w.send = send
 	w.gen++
 	gen := w.gen
@@ -172,7 +173,8 @@ func (w *Worker) session(ctx context.Context) error {
 		for {
 			var m *workerpb.WorkerMessage
 			select {
-			case m = <-send:
+			case r := <-send:
+				m = resultsMsg(r, send)
 			case <-t.C:
 				m = &workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Heartbeat{Heartbeat: &workerpb.Heartbeat{Running: w.runningOps()}}}
 			case <-ctx.Done():
@@ -195,6 +197,18 @@ func (w *Worker) session(ctx context.Context) error {
 			switch m := m.Msg.(type) {
 			case *workerpb.SchedulerMessage_Assign:
 				w.start(m.Assign, gen)
+			case *workerpb.SchedulerMessage_Assignments:
+				for _, a := range m.Assignments.Assigns {
+					w.start(a, gen)
+				}
+			case *workerpb.SchedulerMessage_Acks:
+				w.mu.Lock()
+				for _, a := range m.Acks.Acks {
+					if r := w.pending[a.Operation]; r != nil && r.lease == a.Lease {
+						delete(w.pending, a.Operation)
+					}
+				}
+				w.mu.Unlock()
 			case *workerpb.SchedulerMessage_Cancel:
 				w.mu.Lock()
 				if j := w.running[m.Cancel.Operation]; j != nil {
@@ -287,8 +301,26 @@ func (w *Worker) execute(ctx context.Context, a *workerpb.Assign) []byte {
 	return data
 }
 
-func resultMsg(op string, r *result) *workerpb.WorkerMessage {
-	return &workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Result{Result: &workerpb.Result{Operation: op, Lease: r.lease, ExecuteResponse: r.data}}}
+// maxResultsPerMessage bounds the results of one message.
+const maxResultsPerMessage = 1024
+
+// resultsMsg returns a message with r and the results waiting in send:
+// results that finish together are sent together.
+func resultsMsg(r *workerpb.Result, send <-chan *workerpb.Result) *workerpb.WorkerMessage {
+	rs := []*workerpb.Result{r}
+	for len(rs) < maxResultsPerMessage {
+		select {
+		case next := <-send:
+			rs = append(rs, next)
+		default:
+			return &workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Results{Results: &workerpb.Results{Results: rs}}}
+		}
+	}
+	return &workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Results{Results: &workerpb.Results{Results: rs}}}
+}
+
+func resultMsg(op string, r *result) *workerpb.Result {
+	return &workerpb.Result{Operation: op, Lease: r.lease, ExecuteResponse: r.data}
 }
 
 // NoOp is a Runner that succeeds at once without running anything, for

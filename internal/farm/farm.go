@@ -44,6 +44,7 @@ import (
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/rpc"
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
+	schedulerpb "tvixfarm/proto/tvixfarm/scheduler/v1"
 	storepb "tvixfarm/proto/tvixfarm/store/v1"
 	workerpb "tvixfarm/proto/tvixfarm/worker/v1"
 	"tvixfarm/scheduler"
@@ -254,6 +255,7 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		longrunningpb.RegisterOperationsServer(f.srv, f.sched.exec)
 		workerpb.RegisterWorkersServer(f.srv, f.sched.workers)
 		adminpb.RegisterClusterServer(f.srv, scheduler.NewCluster(f.sched.node, f.sched.workers))
+		schedulerpb.RegisterLeaderServer(f.srv, f.sched.fwd)
 		repb.RegisterCapabilitiesServer(f.srv, caps)
 	}
 	if f.gw != nil {

@@ -75,6 +75,7 @@ func (s *State) submit(c *schedulerpb.Submit) Result {
 		invocation: c.GetInvocationId(),
 		waiters:    []string{c.GetWaiter()},
 		cancelOnDC: c.GetCancelOnDisconnect(),
+		doNotCache: c.GetDoNotCache(),
 		seq:        s.nextSeq,
 		stage:      schedulerpb.Stage_STAGE_QUEUED,
 		queuedAt:   now,

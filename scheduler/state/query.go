@@ -20,6 +20,16 @@ func (s *State) Operation(name string) (*schedulerpb.Operation, bool) {
 	return op.proto(), true
 }
 
+// Stage returns the stage of operation name: a cheap Operation for
+// following one.
+func (s *State) Stage(name string) (schedulerpb.Stage, bool) {
+	op := s.ops[name]
+	if op == nil {
+		return schedulerpb.Stage_STAGE_UNSPECIFIED, false
+	}
+	return op.stage, true
+}
+
 // Operations returns the operations in stage (all of them for
 // STAGE_UNSPECIFIED), in the order they were submitted.
 func (s *State) Operations(stage schedulerpb.Stage) []*schedulerpb.Operation {
@@ -46,6 +56,25 @@ func (s *State) sortedOps(stage schedulerpb.Stage) []*operation {
 		ops[i] = e.op
 	}
 	return ops
+}
+
+// Action is what the action cache needs to know of an operation's action.
+type Action struct {
+	Instance       string
+	DigestFunction int32
+	Digest         *schedulerpb.Digest
+	// DoNotCache is the Action's do_not_cache.
+	DoNotCache bool
+}
+
+// Leased returns the action of operation name if it is executing under
+// lease.
+func (s *State) Leased(name string, lease uint64) (Action, bool) {
+	op := s.ops[name]
+	if op == nil || op.stage != schedulerpb.Stage_STAGE_EXECUTING || op.lease != lease {
+		return Action{}, false
+	}
+	return Action{Instance: op.key.instance, DigestFunction: op.key.fn, Digest: op.digest, DoNotCache: op.doNotCache}, true
 }
 
 // InFlight returns the name of the queued or executing operation for an
@@ -113,6 +142,7 @@ func (op *operation) proto() *schedulerpb.Operation {
 		CompletedUnixNano:  op.doneAt,
 		Result:             op.result,
 		Deleted:            op.deleted,
+		DoNotCache:         op.doNotCache,
 	}
 	if op.worker != nil {
 		p.Worker, p.Lease = op.worker.id, op.lease

@@ -146,6 +146,7 @@ func (s *State) restoreOp(p *schedulerpb.Operation) error {
 		code:       codes.Code(p.GetStatus().GetCode()),
 		message:    p.GetStatus().GetMessage(),
 		deleted:    p.GetDeleted(),
+		doNotCache: p.GetDoNotCache(),
 	}
 	switch {
 	case op.name == "" || s.ops[op.name] != nil:

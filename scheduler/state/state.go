@@ -88,6 +88,9 @@ type State struct {
 	clock     int64 // latest time of any applied command
 
 	resp *Response // of the Apply in progress
+	// submitted are the Submits of the Apply in progress: their result
+	// index and operation.
+	submitted []submitted
 
 	// Buffers of groupFor.
 	reqBuf []requirement
@@ -163,6 +166,9 @@ type Result struct {
 	// Removed is the number of operations a Compact or a Delete removed
 	// (a Delete of a queued or executing operation removes nothing yet).
 	Removed int
+	// Executing is set on a Submit whose operation is executing at the
+	// end of the batch (dispatch leased it, or it joined one that runs).
+	Executing bool
 }
 
 // Assignment leases a queued operation to a worker.
@@ -236,6 +242,7 @@ type operation struct {
 	code       codes.Code
 	message    string
 	deleted    bool // removed when it completes (Delete)
+	doNotCache bool
 
 	// While queued.
 	inv *invQueue
@@ -314,10 +321,24 @@ func (s *State) Apply(b *schedulerpb.Batch) *Response {
 	s.resp = r
 	for i, c := range cmds {
 		r.Results[i] = s.apply(c)
+		if c.GetSubmit() != nil && r.Results[i].Err == nil {
+			s.submitted = append(s.submitted, submitted{i, s.ops[r.Results[i].Operation]})
+		}
 	}
 	s.dispatch()
+	for _, sub := range s.submitted {
+		r.Results[sub.i].Executing = sub.op.stage == schedulerpb.Stage_STAGE_EXECUTING
+	}
+	clear(s.submitted)
+	s.submitted = s.submitted[:0]
 	s.resp = nil
 	return r
+}
+
+// submitted is a Submit of the Apply in progress.
+type submitted struct {
+	i  int
+	op *operation
 }
 
 func (s *State) apply(c *schedulerpb.Command) Result {

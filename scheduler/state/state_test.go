@@ -31,7 +31,7 @@ func TestSubmitDedup(t *testing.T) {
 		t.Fatalf("assignments %v", got)
 	}
 	r = apply(t, s, sub{name: "op4", hash: "a", waiter: "w4"}.cmd())
-	if r.Results[0] != (Result{Operation: "op1", Deduplicated: true}) {
+	if r.Results[0] != (Result{Operation: "op1", Deduplicated: true, Executing: true}) {
 		t.Fatalf("submit while executing: %+v", r.Results[0])
 	}
 	if name, ok := s.InFlight("main", 1, &schedulerpb.Digest{Hash: "a", SizeBytes: 10}); !ok || name != "op1" {
@@ -784,5 +784,35 @@ func TestDelete(t *testing.T) {
 	r = apply(t, s, compact(100))
 	if r.Results[0].Removed != 0 {
 		t.Fatalf("compact removed %d", r.Results[0].Removed)
+	}
+}
+
+// A Submit's result says whether the batch's dispatch leased it, and Leased
+// describes the action of a lease, do_not_cache included.
+func TestSubmitExecutingAndLeased(t *testing.T) {
+	s := New(Config{})
+	apply(t, s, register("w1", 1))
+	nc := sub{name: "op2"}.cmd()
+	nc.GetSubmit().DoNotCache = true
+	r := apply(t, s, sub{name: "op1"}.cmd(), nc)
+	if !r.Results[0].Executing || r.Results[1].Executing {
+		t.Fatalf("results %+v: want op1 executing, op2 queued", r.Results)
+	}
+	a, ok := s.Leased("op1", r.Assignments[0].Lease)
+	if !ok || a.Instance != "main" || a.DigestFunction != 1 || a.Digest.GetHash() != "h-op1" || a.DoNotCache {
+		t.Fatalf("Leased(op1) = %+v, %v", a, ok)
+	}
+	if _, ok := s.Leased("op1", r.Assignments[0].Lease+1); ok {
+		t.Error("Leased with another lease")
+	}
+	if _, ok := s.Leased("op2", 0); ok {
+		t.Error("Leased of a queued operation")
+	}
+	r = apply(t, s, complete("op1", "w1", r.Assignments[0].Lease, 2))
+	if a, ok := s.Leased("op2", r.Assignments[0].Lease); !ok || !a.DoNotCache {
+		t.Fatalf("Leased(op2) = %+v, %v", a, ok)
+	}
+	if op := mustOp(t, s, "op2"); !op.DoNotCache {
+		t.Error("op2 lost do_not_cache")
 	}
 }

@@ -541,8 +541,11 @@ type Submit struct {
 	// submit of the operation asked for this).
 	CancelOnDisconnect bool  `protobuf:"varint,9,opt,name=cancel_on_disconnect,json=cancelOnDisconnect,proto3" json:"cancel_on_disconnect,omitempty"`
 	TimeUnixNano       int64 `protobuf:"varint,10,opt,name=time_unix_nano,json=timeUnixNano,proto3" json:"time_unix_nano,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// The Action's do_not_cache: its result is not written to the action
+	// cache. A submit that joins an operation keeps the operation's.
+	DoNotCache    bool `protobuf:"varint,11,opt,name=do_not_cache,json=doNotCache,proto3" json:"do_not_cache,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Submit) Reset() {
@@ -643,6 +646,13 @@ func (x *Submit) GetTimeUnixNano() int64 {
 		return x.TimeUnixNano
 	}
 	return 0
+}
+
+func (x *Submit) GetDoNotCache() bool {
+	if x != nil {
+		return x.DoNotCache
+	}
+	return false
 }
 
 // RegisterWorker adds a worker, or updates one that exists.
@@ -1319,7 +1329,9 @@ type Operation struct {
 	Status *Status `protobuf:"bytes,19,opt,name=status,proto3" json:"status,omitempty"`
 	// Set on a queued or executing operation that a Delete marked: it is
 	// removed when it completes.
-	Deleted       bool `protobuf:"varint,20,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	Deleted bool `protobuf:"varint,20,opt,name=deleted,proto3" json:"deleted,omitempty"`
+	// Whether its action asked for do_not_cache.
+	DoNotCache    bool `protobuf:"varint,21,opt,name=do_not_cache,json=doNotCache,proto3" json:"do_not_cache,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1490,6 +1502,13 @@ func (x *Operation) GetStatus() *Status {
 func (x *Operation) GetDeleted() bool {
 	if x != nil {
 		return x.Deleted
+	}
+	return false
+}
+
+func (x *Operation) GetDoNotCache() bool {
+	if x != nil {
+		return x.DoNotCache
 	}
 	return false
 }
@@ -1839,7 +1858,7 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"size_bytes\x18\x02 \x01(\x03R\tsizeBytes\"6\n" +
 	"\x06Status\x12\x12\n" +
 	"\x04code\x18\x01 \x01(\x05R\x04code\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage\"\xa6\x03\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\xc8\x03\n" +
 	"\x06Submit\x12\x1c\n" +
 	"\toperation\x18\x01 \x01(\tR\toperation\x12#\n" +
 	"\rinstance_name\x18\x02 \x01(\tR\finstanceName\x12'\n" +
@@ -1851,7 +1870,9 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\x06waiter\x18\b \x01(\tR\x06waiter\x120\n" +
 	"\x14cancel_on_disconnect\x18\t \x01(\bR\x12cancelOnDisconnect\x12$\n" +
 	"\x0etime_unix_nano\x18\n" +
-	" \x01(\x03R\ftimeUnixNano\"\xbb\x01\n" +
+	" \x01(\x03R\ftimeUnixNano\x12 \n" +
+	"\fdo_not_cache\x18\v \x01(\bR\n" +
+	"doNotCache\"\xbb\x01\n" +
 	"\x0eRegisterWorker\x12\x16\n" +
 	"\x06worker\x18\x01 \x01(\tR\x06worker\x12;\n" +
 	"\bplatform\x18\x02 \x03(\v2\x1f.tvixfarm.scheduler.v1.PropertyR\bplatform\x12\x14\n" +
@@ -1892,7 +1913,7 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\x10before_unix_nano\x18\x01 \x01(\x03R\x0ebeforeUnixNano\"L\n" +
 	"\x06Delete\x12\x1c\n" +
 	"\toperation\x18\x01 \x01(\tR\toperation\x12$\n" +
-	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\"\x84\x06\n" +
+	"\x0etime_unix_nano\x18\x02 \x01(\x03R\ftimeUnixNano\"\xa6\x06\n" +
 	"\tOperation\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x122\n" +
 	"\x05stage\x18\x02 \x01(\x0e2\x1c.tvixfarm.scheduler.v1.StageR\x05stage\x12#\n" +
@@ -1914,7 +1935,9 @@ const file_tvixfarm_scheduler_v1_state_proto_rawDesc = "" +
 	"\x13completed_unix_nano\x18\x11 \x01(\x03R\x11completedUnixNano\x12\x16\n" +
 	"\x06result\x18\x12 \x01(\fR\x06result\x125\n" +
 	"\x06status\x18\x13 \x01(\v2\x1d.tvixfarm.scheduler.v1.StatusR\x06status\x12\x18\n" +
-	"\adeleted\x18\x14 \x01(\bR\adeleted\"\xd1\x01\n" +
+	"\adeleted\x18\x14 \x01(\bR\adeleted\x12 \n" +
+	"\fdo_not_cache\x18\x15 \x01(\bR\n" +
+	"doNotCache\"\xd1\x01\n" +
 	"\x06Worker\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12;\n" +
 	"\bplatform\x18\x02 \x03(\v2\x1f.tvixfarm.scheduler.v1.PropertyR\bplatform\x12\x14\n" +

@@ -87,6 +87,7 @@ type WorkerMessage struct {
 	//	*WorkerMessage_Register
 	//	*WorkerMessage_Heartbeat
 	//	*WorkerMessage_Result
+	//	*WorkerMessage_Results
 	Msg           isWorkerMessage_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -156,6 +157,15 @@ func (x *WorkerMessage) GetResult() *Result {
 	return nil
 }
 
+func (x *WorkerMessage) GetResults() *Results {
+	if x != nil {
+		if x, ok := x.Msg.(*WorkerMessage_Results); ok {
+			return x.Results
+		}
+	}
+	return nil
+}
+
 type isWorkerMessage_Msg interface {
 	isWorkerMessage_Msg()
 }
@@ -172,11 +182,19 @@ type WorkerMessage_Result struct {
 	Result *Result `protobuf:"bytes,3,opt,name=result,proto3,oneof"`
 }
 
+type WorkerMessage_Results struct {
+	// Several results at once (what a worker sends when results come
+	// faster than it can send them one by one).
+	Results *Results `protobuf:"bytes,4,opt,name=results,proto3,oneof"`
+}
+
 func (*WorkerMessage_Register) isWorkerMessage_Msg() {}
 
 func (*WorkerMessage_Heartbeat) isWorkerMessage_Msg() {}
 
 func (*WorkerMessage_Result) isWorkerMessage_Msg() {}
+
+func (*WorkerMessage_Results) isWorkerMessage_Msg() {}
 
 type SchedulerMessage struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -186,6 +204,8 @@ type SchedulerMessage struct {
 	//	*SchedulerMessage_Assign
 	//	*SchedulerMessage_Cancel
 	//	*SchedulerMessage_Ack
+	//	*SchedulerMessage_Assignments
+	//	*SchedulerMessage_Acks
 	Msg           isSchedulerMessage_Msg `protobuf_oneof:"msg"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -264,6 +284,24 @@ func (x *SchedulerMessage) GetAck() *ResultAck {
 	return nil
 }
 
+func (x *SchedulerMessage) GetAssignments() *Assignments {
+	if x != nil {
+		if x, ok := x.Msg.(*SchedulerMessage_Assignments); ok {
+			return x.Assignments
+		}
+	}
+	return nil
+}
+
+func (x *SchedulerMessage) GetAcks() *ResultAcks {
+	if x != nil {
+		if x, ok := x.Msg.(*SchedulerMessage_Acks); ok {
+			return x.Acks
+		}
+	}
+	return nil
+}
+
 type isSchedulerMessage_Msg interface {
 	isSchedulerMessage_Msg()
 }
@@ -284,6 +322,16 @@ type SchedulerMessage_Ack struct {
 	Ack *ResultAck `protobuf:"bytes,4,opt,name=ack,proto3,oneof"`
 }
 
+type SchedulerMessage_Assignments struct {
+	// Several assignments, or acknowledgements, at once: those of one
+	// raft log entry.
+	Assignments *Assignments `protobuf:"bytes,5,opt,name=assignments,proto3,oneof"`
+}
+
+type SchedulerMessage_Acks struct {
+	Acks *ResultAcks `protobuf:"bytes,6,opt,name=acks,proto3,oneof"`
+}
+
 func (*SchedulerMessage_Registered) isSchedulerMessage_Msg() {}
 
 func (*SchedulerMessage_Assign) isSchedulerMessage_Msg() {}
@@ -291,6 +339,10 @@ func (*SchedulerMessage_Assign) isSchedulerMessage_Msg() {}
 func (*SchedulerMessage_Cancel) isSchedulerMessage_Msg() {}
 
 func (*SchedulerMessage_Ack) isSchedulerMessage_Msg() {}
+
+func (*SchedulerMessage_Assignments) isSchedulerMessage_Msg() {}
+
+func (*SchedulerMessage_Acks) isSchedulerMessage_Msg() {}
 
 // Register introduces a worker.
 type Register struct {
@@ -689,6 +741,141 @@ func (x *Result) GetExecuteResponse() []byte {
 	return nil
 }
 
+// Results are several Results.
+type Results struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Results       []*Result              `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Results) Reset() {
+	*x = Results{}
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Results) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Results) ProtoMessage() {}
+
+func (x *Results) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Results.ProtoReflect.Descriptor instead.
+func (*Results) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_worker_v1_worker_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *Results) GetResults() []*Result {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// Assignments are several Assigns.
+type Assignments struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Assigns       []*Assign              `protobuf:"bytes,1,rep,name=assigns,proto3" json:"assigns,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Assignments) Reset() {
+	*x = Assignments{}
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Assignments) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Assignments) ProtoMessage() {}
+
+func (x *Assignments) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Assignments.ProtoReflect.Descriptor instead.
+func (*Assignments) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_worker_v1_worker_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *Assignments) GetAssigns() []*Assign {
+	if x != nil {
+		return x.Assigns
+	}
+	return nil
+}
+
+// ResultAcks are several ResultAcks.
+type ResultAcks struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Acks          []*ResultAck           `protobuf:"bytes,1,rep,name=acks,proto3" json:"acks,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ResultAcks) Reset() {
+	*x = ResultAcks{}
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ResultAcks) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ResultAcks) ProtoMessage() {}
+
+func (x *ResultAcks) ProtoReflect() protoreflect.Message {
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ResultAcks.ProtoReflect.Descriptor instead.
+func (*ResultAcks) Descriptor() ([]byte, []int) {
+	return file_tvixfarm_worker_v1_worker_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *ResultAcks) GetAcks() []*ResultAck {
+	if x != nil {
+		return x.Acks
+	}
+	return nil
+}
+
 // ResultAck says a Result is recorded; until then the worker keeps it and
 // sends it again on its next session (a Result applied twice is ignored).
 type ResultAck struct {
@@ -701,7 +888,7 @@ type ResultAck struct {
 
 func (x *ResultAck) Reset() {
 	*x = ResultAck{}
-	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[9]
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -713,7 +900,7 @@ func (x *ResultAck) String() string {
 func (*ResultAck) ProtoMessage() {}
 
 func (x *ResultAck) ProtoReflect() protoreflect.Message {
-	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[9]
+	mi := &file_tvixfarm_worker_v1_worker_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -726,7 +913,7 @@ func (x *ResultAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResultAck.ProtoReflect.Descriptor instead.
 func (*ResultAck) Descriptor() ([]byte, []int) {
-	return file_tvixfarm_worker_v1_worker_proto_rawDescGZIP(), []int{9}
+	return file_tvixfarm_worker_v1_worker_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ResultAck) GetOperation() string {
@@ -750,19 +937,22 @@ const file_tvixfarm_worker_v1_worker_proto_rawDesc = "" +
 	"\x1ftvixfarm/worker/v1/worker.proto\x12\x12tvixfarm.worker.v1\"4\n" +
 	"\bProperty\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value\"\xc7\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value\"\x80\x02\n" +
 	"\rWorkerMessage\x12:\n" +
 	"\bregister\x18\x01 \x01(\v2\x1c.tvixfarm.worker.v1.RegisterH\x00R\bregister\x12=\n" +
 	"\theartbeat\x18\x02 \x01(\v2\x1d.tvixfarm.worker.v1.HeartbeatH\x00R\theartbeat\x124\n" +
-	"\x06result\x18\x03 \x01(\v2\x1a.tvixfarm.worker.v1.ResultH\x00R\x06resultB\x05\n" +
-	"\x03msg\"\xfa\x01\n" +
+	"\x06result\x18\x03 \x01(\v2\x1a.tvixfarm.worker.v1.ResultH\x00R\x06result\x127\n" +
+	"\aresults\x18\x04 \x01(\v2\x1b.tvixfarm.worker.v1.ResultsH\x00R\aresultsB\x05\n" +
+	"\x03msg\"\xf5\x02\n" +
 	"\x10SchedulerMessage\x12@\n" +
 	"\n" +
 	"registered\x18\x01 \x01(\v2\x1e.tvixfarm.worker.v1.RegisteredH\x00R\n" +
 	"registered\x124\n" +
 	"\x06assign\x18\x02 \x01(\v2\x1a.tvixfarm.worker.v1.AssignH\x00R\x06assign\x124\n" +
 	"\x06cancel\x18\x03 \x01(\v2\x1a.tvixfarm.worker.v1.CancelH\x00R\x06cancel\x121\n" +
-	"\x03ack\x18\x04 \x01(\v2\x1d.tvixfarm.worker.v1.ResultAckH\x00R\x03ackB\x05\n" +
+	"\x03ack\x18\x04 \x01(\v2\x1d.tvixfarm.worker.v1.ResultAckH\x00R\x03ack\x12C\n" +
+	"\vassignments\x18\x05 \x01(\v2\x1f.tvixfarm.worker.v1.AssignmentsH\x00R\vassignments\x124\n" +
+	"\x04acks\x18\x06 \x01(\v2\x1e.tvixfarm.worker.v1.ResultAcksH\x00R\x04acksB\x05\n" +
 	"\x03msg\"\x91\x01\n" +
 	"\bRegister\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x128\n" +
@@ -793,6 +983,13 @@ const file_tvixfarm_worker_v1_worker_proto_rawDesc = "" +
 	"\toperation\x18\x01 \x01(\tR\toperation\x12\x14\n" +
 	"\x05lease\x18\x02 \x01(\x04R\x05lease\x12)\n" +
 	"\x10execute_response\x18\x03 \x01(\fR\x0fexecuteResponse\"?\n" +
+	"\aResults\x124\n" +
+	"\aresults\x18\x01 \x03(\v2\x1a.tvixfarm.worker.v1.ResultR\aresults\"C\n" +
+	"\vAssignments\x124\n" +
+	"\aassigns\x18\x01 \x03(\v2\x1a.tvixfarm.worker.v1.AssignR\aassigns\"?\n" +
+	"\n" +
+	"ResultAcks\x121\n" +
+	"\x04acks\x18\x01 \x03(\v2\x1d.tvixfarm.worker.v1.ResultAckR\x04acks\"?\n" +
 	"\tResultAck\x12\x1c\n" +
 	"\toperation\x18\x01 \x01(\tR\toperation\x12\x14\n" +
 	"\x05lease\x18\x02 \x01(\x04R\x05lease2a\n" +
@@ -811,7 +1008,7 @@ func file_tvixfarm_worker_v1_worker_proto_rawDescGZIP() []byte {
 	return file_tvixfarm_worker_v1_worker_proto_rawDescData
 }
 
-var file_tvixfarm_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_tvixfarm_worker_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_tvixfarm_worker_v1_worker_proto_goTypes = []any{
 	(*Property)(nil),         // 0: tvixfarm.worker.v1.Property
 	(*WorkerMessage)(nil),    // 1: tvixfarm.worker.v1.WorkerMessage
@@ -822,24 +1019,33 @@ var file_tvixfarm_worker_v1_worker_proto_goTypes = []any{
 	(*Assign)(nil),           // 6: tvixfarm.worker.v1.Assign
 	(*Cancel)(nil),           // 7: tvixfarm.worker.v1.Cancel
 	(*Result)(nil),           // 8: tvixfarm.worker.v1.Result
-	(*ResultAck)(nil),        // 9: tvixfarm.worker.v1.ResultAck
+	(*Results)(nil),          // 9: tvixfarm.worker.v1.Results
+	(*Assignments)(nil),      // 10: tvixfarm.worker.v1.Assignments
+	(*ResultAcks)(nil),       // 11: tvixfarm.worker.v1.ResultAcks
+	(*ResultAck)(nil),        // 12: tvixfarm.worker.v1.ResultAck
 }
 var file_tvixfarm_worker_v1_worker_proto_depIdxs = []int32{
-	3, // 0: tvixfarm.worker.v1.WorkerMessage.register:type_name -> tvixfarm.worker.v1.Register
-	5, // 1: tvixfarm.worker.v1.WorkerMessage.heartbeat:type_name -> tvixfarm.worker.v1.Heartbeat
-	8, // 2: tvixfarm.worker.v1.WorkerMessage.result:type_name -> tvixfarm.worker.v1.Result
-	4, // 3: tvixfarm.worker.v1.SchedulerMessage.registered:type_name -> tvixfarm.worker.v1.Registered
-	6, // 4: tvixfarm.worker.v1.SchedulerMessage.assign:type_name -> tvixfarm.worker.v1.Assign
-	7, // 5: tvixfarm.worker.v1.SchedulerMessage.cancel:type_name -> tvixfarm.worker.v1.Cancel
-	9, // 6: tvixfarm.worker.v1.SchedulerMessage.ack:type_name -> tvixfarm.worker.v1.ResultAck
-	0, // 7: tvixfarm.worker.v1.Register.platform:type_name -> tvixfarm.worker.v1.Property
-	1, // 8: tvixfarm.worker.v1.Workers.Connect:input_type -> tvixfarm.worker.v1.WorkerMessage
-	2, // 9: tvixfarm.worker.v1.Workers.Connect:output_type -> tvixfarm.worker.v1.SchedulerMessage
-	9, // [9:10] is the sub-list for method output_type
-	8, // [8:9] is the sub-list for method input_type
-	8, // [8:8] is the sub-list for extension type_name
-	8, // [8:8] is the sub-list for extension extendee
-	0, // [0:8] is the sub-list for field type_name
+	3,  // 0: tvixfarm.worker.v1.WorkerMessage.register:type_name -> tvixfarm.worker.v1.Register
+	5,  // 1: tvixfarm.worker.v1.WorkerMessage.heartbeat:type_name -> tvixfarm.worker.v1.Heartbeat
+	8,  // 2: tvixfarm.worker.v1.WorkerMessage.result:type_name -> tvixfarm.worker.v1.Result
+	9,  // 3: tvixfarm.worker.v1.WorkerMessage.results:type_name -> tvixfarm.worker.v1.Results
+	4,  // 4: tvixfarm.worker.v1.SchedulerMessage.registered:type_name -> tvixfarm.worker.v1.Registered
+	6,  // 5: tvixfarm.worker.v1.SchedulerMessage.assign:type_name -> tvixfarm.worker.v1.Assign
+	7,  // 6: tvixfarm.worker.v1.SchedulerMessage.cancel:type_name -> tvixfarm.worker.v1.Cancel
+	12, // 7: tvixfarm.worker.v1.SchedulerMessage.ack:type_name -> tvixfarm.worker.v1.ResultAck
+	10, // 8: tvixfarm.worker.v1.SchedulerMessage.assignments:type_name -> tvixfarm.worker.v1.Assignments
+	11, // 9: tvixfarm.worker.v1.SchedulerMessage.acks:type_name -> tvixfarm.worker.v1.ResultAcks
+	0,  // 10: tvixfarm.worker.v1.Register.platform:type_name -> tvixfarm.worker.v1.Property
+	8,  // 11: tvixfarm.worker.v1.Results.results:type_name -> tvixfarm.worker.v1.Result
+	6,  // 12: tvixfarm.worker.v1.Assignments.assigns:type_name -> tvixfarm.worker.v1.Assign
+	12, // 13: tvixfarm.worker.v1.ResultAcks.acks:type_name -> tvixfarm.worker.v1.ResultAck
+	1,  // 14: tvixfarm.worker.v1.Workers.Connect:input_type -> tvixfarm.worker.v1.WorkerMessage
+	2,  // 15: tvixfarm.worker.v1.Workers.Connect:output_type -> tvixfarm.worker.v1.SchedulerMessage
+	15, // [15:16] is the sub-list for method output_type
+	14, // [14:15] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_tvixfarm_worker_v1_worker_proto_init() }
@@ -851,12 +1057,15 @@ func file_tvixfarm_worker_v1_worker_proto_init() {
 		(*WorkerMessage_Register)(nil),
 		(*WorkerMessage_Heartbeat)(nil),
 		(*WorkerMessage_Result)(nil),
+		(*WorkerMessage_Results)(nil),
 	}
 	file_tvixfarm_worker_v1_worker_proto_msgTypes[2].OneofWrappers = []any{
 		(*SchedulerMessage_Registered)(nil),
 		(*SchedulerMessage_Assign)(nil),
 		(*SchedulerMessage_Cancel)(nil),
 		(*SchedulerMessage_Ack)(nil),
+		(*SchedulerMessage_Assignments)(nil),
+		(*SchedulerMessage_Acks)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -864,7 +1073,7 @@ func file_tvixfarm_worker_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_tvixfarm_worker_v1_worker_proto_rawDesc), len(file_tvixfarm_worker_v1_worker_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
