@@ -194,4 +194,3 @@ func (s *directoryServer) Put(stream grpc.ClientStreamingServer[castorepb.Direct
 	}
 	return stream.SendAndClose(&castorepb.PutDirectoryResponse{RootDigest: root[:]})
 }
-
