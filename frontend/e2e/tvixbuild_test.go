@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"io"
 	"path"
 	"slices"
 	"sort"
@@ -201,6 +203,65 @@ func TestTvixBuild(t *testing.T) {
 			}
 		}
 		_ = res
+	}
+
+	// Tvix sends only direct inputs: the service adds their closure. The
+	// builder reads chain-a, which only chain-b (the one input) refers to.
+	chainDrvs, err := nixtest.Instantiate(ctx, nixtest.CorpusFile(), []string{"chain"}, map[string]string{"busybox": bb, "salt": s})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cres, err := coordinator.New(tf.farm, tf.cfg).Build(ctx, []coordinator.Request{{Drv: chainDrvs[0]}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	chainOut := cres.Outputs[chainDrvs[0]]["out"]
+	infos, err := tf.farm.Store.Get(ctx, []string{chainOut})
+	if err != nil || infos[chainOut] == nil {
+		t.Fatalf("chain: %v", err)
+	}
+	var chainA, chainB string
+	for _, r := range infos[chainOut].References {
+		switch {
+		case strings.HasSuffix(r, "-chain-a"):
+			chainA = r
+		case strings.HasSuffix(r, "-chain-b"):
+			chainB = r
+		}
+	}
+	if chainA == "" || chainB == "" {
+		t.Fatalf("chain refers to %v", infos[chainOut].References)
+	}
+	out := "/nix/store/" + strings.Repeat("1", 32) + "-closure-probe-" + s
+	probe := &buildpb.BuildRequest{
+		Inputs:       []*castorepb.Node{castoreOf(bb), castoreOf(chainB)},
+		CommandArgs:  []string{bb + "/bin/sh", "-c", "cat " + chainA + "/a.txt > $out"},
+		WorkingDir:   "build",
+		ScratchPaths: []string{"build", "nix/store"},
+		InputsDir:    "nix/store",
+		Outputs:      []string{strings.TrimPrefix(out, "/")},
+		EnvironmentVars: []*buildpb.BuildRequest_EnvVar{
+			{Key: "PATH", Value: []byte(bb + "/bin")}, {Key: "out", Value: []byte(out)},
+		},
+		Constraints: &buildpb.BuildRequest_BuildConstraints{System: "x86_64-linux"},
+	}
+	if bytes.Compare(probe.Inputs[0].GetDirectory().Name, probe.Inputs[1].GetDirectory().Name) > 0 {
+		probe.Inputs[0], probe.Inputs[1] = probe.Inputs[1], probe.Inputs[0]
+	}
+	pres, err := tvix.DoBuild(ctx, probe)
+	if err != nil {
+		t.Fatalf("closure probe: %v", err)
+	}
+	if f := pres.Outputs[0].GetFile(); f == nil {
+		t.Errorf("closure probe: output %v, want a file", pres.Outputs[0])
+	} else if r, err := st.CAS.Get(ctx, digest.New(digest.BLAKE3, [32]byte(f.Digest), int64(f.Size))); err != nil {
+		t.Error(err)
+	} else {
+		data, _ := io.ReadAll(r)
+		r.Close()
+		if string(data) != "I am a\n" {
+			t.Errorf("closure probe: output %q, want chain-a's a.txt", data)
+		}
 	}
 
 	// A failing builder: INTERNAL, with the exit code and the log.
