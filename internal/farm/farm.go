@@ -16,6 +16,7 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -34,6 +35,7 @@ import (
 	"google.golang.org/grpc/reflection"
 
 	"tvixfarm/cas/blobstore"
+	"tvixfarm/cas/castore"
 	"tvixfarm/cas/digest"
 	"tvixfarm/cas/grpcservers"
 	"tvixfarm/executor"
@@ -41,6 +43,7 @@ import (
 	"tvixfarm/frontend/binarycache"
 	"tvixfarm/frontend/gateway"
 	"tvixfarm/frontend/pathinfo"
+	"tvixfarm/frontend/tvix"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/rpc"
 	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
@@ -272,6 +275,15 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
 		f.paths = pathinfo.NewBlobStore(stores.Default.AC, stores.Default.CAS)
 		storepb.RegisterStoreServer(f.srv, pathinfo.NewServer(f.paths))
+		// Tvix and Snix clients: castore and PathInfoService on the same
+		// stores, under tvix.*.v1 and snix.*.v1. Large castore uploads are
+		// spooled under the data directory until their digest is known.
+		spool := filepath.Join(cfg.Data, "castore-spool")
+		os.RemoveAll(spool) // leftovers of uploads a crash interrupted
+		if err := os.MkdirAll(spool, 0o700); err != nil {
+			log.Warn("castore: no spool directory; large BlobService uploads will fail", "dir", spool, "err", err)
+		}
+		tvix.Register(f.srv, f.paths, castore.NewStore(stores.Default.CAS, stores.Default.AC, spool), stores.Default.AC)
 	}
 	if err := f.registerBuildService(bctx, log); err != nil {
 		f.lis.Close()
