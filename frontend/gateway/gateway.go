@@ -507,6 +507,12 @@ func (g *Remote) run(ctx context.Context, o *op, st blobstore.Stores, ad digest.
 	defer o.cancel()
 	defer g.ops.done(o)
 	resp, err := g.forward(ctx, o, st, ad, action, cmd, req)
+	if err != nil && ctx.Err() != nil {
+		// CancelOperation, or the gateway stopping.
+		g.log.Info("gateway: operation cancelled", "target", what, "action", ad.Sprint())
+		o.finish(nil, status.Errorf(codes.Canceled, "%s: the operation was cancelled", what))
+		return
+	}
 	if err != nil {
 		g.failed.Add(1)
 		g.log.Warn("gateway: remote execution failed", "target", what, "action", ad.Sprint(), "err", err)

@@ -544,3 +544,111 @@ func TestRefusals(t *testing.T) {
 		}
 	}
 }
+
+// TestOperations: a client that drops its Execute stream resumes with
+// WaitExecution by the gateway's operation name; operations are listed,
+// read, and cancelled (here and on the remote).
+func TestOperations(t *testing.T) {
+	g := startGateway(t, startPlain(t), gateway.Config{DigestFunction: digest.SHA256, IsolatedNetwork: true, PassProperties: config.DefaultPassProperties})
+	a := putAction(t, g.local.Default.CAS, digest.SHA256, map[string]string{"nix-system": "x86_64-linux"})
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	sctx, stop := context.WithCancel(ctx)
+	stream, err := g.exec.Execute(sctx, &repb.ExecuteRequest{ActionDigest: a.digest.Proto(), DigestFunction: a.digest.Function().Proto()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err := stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop() // the client goes away; the operation runs on
+	ws, err := g.exec.WaitExecution(ctx, &repb.WaitExecutionRequest{Name: first.Name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last *longrunningpb.Operation
+	for {
+		op, err := ws.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = op
+	}
+	if !last.GetDone() || last.GetResponse() == nil {
+		t.Fatalf("WaitExecution ended with %v", last)
+	}
+	got, err := g.ops.GetOperation(ctx, &longrunningpb.GetOperationRequest{Name: first.Name})
+	if err != nil || !got.Done {
+		t.Fatalf("GetOperation: %v %v", got, err)
+	}
+	list, err := g.ops.ListOperations(ctx, &longrunningpb.ListOperationsRequest{Filter: "stage=completed"})
+	if err != nil || len(list.Operations) != 1 || list.Operations[0].Name != first.Name {
+		t.Fatalf("ListOperations: %v %v", list, err)
+	}
+	if _, err := g.ops.DeleteOperation(ctx, &longrunningpb.DeleteOperationRequest{Name: first.Name}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.ops.GetOperation(ctx, &longrunningpb.GetOperationRequest{Name: first.Name}); status.Code(err) != codes.NotFound {
+		t.Errorf("GetOperation after delete: %v", err)
+	}
+
+	// A long action, cancelled: its operation completes with CANCELLED.
+	long := putActionScript(t, g.local.Default.CAS, digest.SHA256, "sleep 600")
+	stream, err = g.exec.Execute(ctx, &repb.ExecuteRequest{ActionDigest: long.Proto(), DigestFunction: long.Function().Proto()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, err = stream.Recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.ops.CancelOperation(ctx, &longrunningpb.CancelOperationRequest{Name: first.Name}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		op, err := stream.Recv()
+		if err != nil {
+			t.Fatalf("stream after cancel: %v", err)
+		}
+		if op.Done {
+			if status.ErrorProto(op.GetError()) == nil || status.FromProto(op.GetError()).Code() != codes.Canceled {
+				t.Errorf("cancelled operation ended with %v", op.Result)
+			}
+			break
+		}
+	}
+}
+
+// putActionScript stores a Nix-like action running script with busybox,
+// and returns its digest.
+func putActionScript(t *testing.T, cas blobstore.BlobAccess, fn digest.Function, script string) digest.Digest {
+	t.Helper()
+	ctx := context.Background()
+	put := func(m proto.Message) digest.Digest {
+		b, _ := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+		d := digest.Compute(fn, b)
+		if err := blobstore.PutBytes(ctx, cas, d, b); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	bb, err := os.ReadFile("/bin/busybox")
+	if err != nil {
+		t.Skip("no static /bin/busybox (busybox-static)")
+	}
+	bd := digest.Compute(fn, bb)
+	if err := blobstore.PutBytes(ctx, cas, bd, bb); err != nil {
+		t.Fatal(err)
+	}
+	root := &repb.Directory{Directories: []*repb.DirectoryNode{
+		{Name: "bin", Digest: put(&repb.Directory{Files: []*repb.FileNode{{Name: "sh", Digest: bd.Proto(), IsExecutable: true}}}).Proto()},
+		{Name: "build", Digest: put(&repb.Directory{}).Proto()},
+	}}
+	p := &repb.Platform{Properties: []*repb.Platform_Property{{Name: "nix-system", Value: "x86_64-linux"}}}
+	cmd := &repb.Command{Arguments: []string{"/bin/sh", "-c", script, fmt.Sprint(time.Now().UnixNano())}, WorkingDirectory: "build", OutputPaths: []string{"out"}, Platform: p}
+	return put(&repb.Action{CommandDigest: put(cmd).Proto(), InputRootDigest: put(root).Proto(), Platform: p})
+}
