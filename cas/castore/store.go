@@ -89,49 +89,67 @@ func (s *Store) OpenBlob(ctx context.Context, h [DigestLen]byte) (io.ReadCloser,
 // PutBlob reads r to io.EOF and stores what it read as a BLAKE3 blob of
 // the CAS, returning its digest. If r fails, nothing is stored.
 func (s *Store) PutBlob(ctx context.Context, r io.Reader) (digest.Digest, error) {
-	h := blake3.New()
-	var mem bytes.Buffer
-	n, err := io.Copy(io.MultiWriter(h, &mem), io.LimitReader(r, spoolInMemory+1))
-	if err != nil {
-		return digest.Digest{}, fmt.Errorf("castore: put blob: %w", err)
-	}
-	if n <= spoolInMemory {
-		d := digest.New(digest.BLAKE3, [DigestLen]byte(h.Sum(nil)), n)
-		if n == 0 {
-			return d, nil
-		}
-		if err := s.cas.Put(ctx, d, bytes.NewReader(mem.Bytes())); err != nil {
-			return digest.Digest{}, fmt.Errorf("castore: put blob %s: %w", d, err)
-		}
-		return d, nil
-	}
-	f, err := os.CreateTemp(s.spoolDir, "castore-put-*")
-	if err != nil {
-		return digest.Digest{}, status.Errorf(codes.Internal, "castore: spool blob: %v", err)
-	}
-	defer func() {
-		f.Close()
-		os.Remove(f.Name())
-	}()
-	if _, err := f.Write(mem.Bytes()); err != nil {
-		return digest.Digest{}, spoolError(err)
-	}
-	mem = bytes.Buffer{}
-	m, err := io.Copy(io.MultiWriter(h, f), r)
-	if err != nil {
+	sp := &spooler{h: blake3.New(), dir: s.spoolDir}
+	defer sp.close()
+	if _, err := io.Copy(sp, r); err != nil {
 		if _, ok := status.FromError(err); ok {
 			return digest.Digest{}, err
 		}
 		return digest.Digest{}, spoolError(err)
 	}
-	d := digest.New(digest.BLAKE3, [DigestLen]byte(h.Sum(nil)), n+m)
-	if _, err := f.Seek(0, io.SeekStart); err != nil {
-		return digest.Digest{}, spoolError(err)
+	d := digest.New(digest.BLAKE3, [DigestLen]byte(sp.h.Sum(nil)), sp.n)
+	if sp.n == 0 {
+		return d, nil
 	}
-	if err := s.cas.Put(ctx, d, f); err != nil {
+	var body io.Reader = bytes.NewReader(sp.mem)
+	if sp.f != nil {
+		if _, err := sp.f.Seek(0, io.SeekStart); err != nil {
+			return digest.Digest{}, spoolError(err)
+		}
+		body = sp.f
+	}
+	if err := s.cas.Put(ctx, d, body); err != nil {
 		return digest.Digest{}, fmt.Errorf("castore: put blob %s: %w", d, err)
 	}
 	return d, nil
+}
+
+// spooler hashes what is written and keeps it: in memory up to
+// spoolInMemory bytes, then in a temporary file.
+type spooler struct {
+	h   *blake3.Hasher
+	n   int64
+	mem []byte
+	dir string
+	f   *os.File
+}
+
+func (sp *spooler) Write(p []byte) (int, error) {
+	sp.h.Write(p)
+	sp.n += int64(len(p))
+	if sp.f == nil && sp.n <= spoolInMemory {
+		sp.mem = append(sp.mem, p...)
+		return len(p), nil
+	}
+	if sp.f == nil {
+		f, err := os.CreateTemp(sp.dir, "castore-put-*")
+		if err != nil {
+			return 0, err
+		}
+		sp.f = f
+		if _, err := f.Write(sp.mem); err != nil {
+			return 0, err
+		}
+		sp.mem = nil
+	}
+	return sp.f.Write(p)
+}
+
+func (sp *spooler) close() {
+	if sp.f != nil {
+		sp.f.Close()
+		os.Remove(sp.f.Name())
+	}
 }
 
 func spoolError(err error) error {
