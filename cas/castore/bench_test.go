@@ -12,8 +12,8 @@ import (
 	"testing"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
-	bspb "google.golang.org/genproto/googleapis/bytestream"
 	"golang.org/x/sync/errgroup"
+	bspb "google.golang.org/genproto/googleapis/bytestream"
 
 	"tvixfarm/cas/digest"
 	castorepb "tvixfarm/proto/tvix/castore/v1"
