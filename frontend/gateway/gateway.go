@@ -76,8 +76,8 @@ type Config struct {
 	// ActionTimeout is set on actions without a timeout (default 3h).
 	ActionTimeout time.Duration
 	// RPCTimeout bounds each unary RPC to the remote (default 1m). An
-	// Execute or WaitExecution stream is bounded by ActionTimeout plus
-	// StreamSlack, after which it is resumed with WaitExecution.
+	// Execute or WaitExecution stream is bounded by the action's timeout
+	// plus StreamSlack, after which it is resumed with WaitExecution.
 	RPCTimeout time.Duration
 	// StreamSlack is added to the action's timeout for the deadline of
 	// one Execute or WaitExecution stream (default 10m).
@@ -551,7 +551,7 @@ func (g *Remote) forward(ctx context.Context, o *op, st blobstore.Stores, ad dig
 			return nil, fmt.Errorf("uploading the inputs: %w", err)
 		}
 		observe("upload", &t0)
-		resp, err = g.execute(ctx, o, rad, req)
+		resp, err = g.execute(ctx, o, rad, req, ra.Timeout.AsDuration())
 		observe("execute", &t0)
 		if attempt == 0 && isMissing(err, resp) {
 			// The remote evicted blobs the gateway took for present.
@@ -610,8 +610,10 @@ func isMissing(err error, resp *repb.ExecuteResponse) bool {
 // execute runs the action on the remote and returns its response: an
 // Execute stream, resumed with WaitExecution by the remote's operation
 // name when it drops or fails with UNAVAILABLE (with backoff), and
-// submitted again if the remote forgot the operation.
-func (g *Remote) execute(ctx context.Context, o *op, rad digest.Digest, req *repb.ExecuteRequest) (*repb.ExecuteResponse, error) {
+// submitted again if the remote forgot the operation. Each stream's
+// deadline is the action's timeout plus StreamSlack; a stream that
+// outlives it is resumed.
+func (g *Remote) execute(ctx context.Context, o *op, rad digest.Digest, req *repb.ExecuteRequest, timeout time.Duration) (*repb.ExecuteResponse, error) {
 	ereq := &repb.ExecuteRequest{
 		InstanceName:    g.cfg.Instance,
 		ActionDigest:    rad.Proto(),
@@ -624,7 +626,7 @@ func (g *Remote) execute(ctx context.Context, o *op, rad digest.Digest, req *rep
 	delay := g.cfg.RetryDelay
 	failures := 0
 	for {
-		sctx, cancel := context.WithTimeout(ctx, g.cfg.ActionTimeout+g.cfg.StreamSlack)
+		sctx, cancel := context.WithTimeout(ctx, timeout+g.cfg.StreamSlack)
 		var stream grpc.ServerStreamingClient[longrunningpb.Operation]
 		var err error
 		if name == "" {

@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -22,9 +23,14 @@ import (
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/protobuf/proto"
 
+	"tvixfarm/cas/blobstore"
+	"tvixfarm/cas/digest"
 	"tvixfarm/internal/config"
+	adminpb "tvixfarm/proto/tvixfarm/admin/v1"
 )
 
 // capsRecorder answers GetCapabilities and records the request's
@@ -146,5 +152,97 @@ func TestGatewayStartErrors(t *testing.T) {
 	cfg.Role = "all"
 	if _, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil))); err == nil || !strings.Contains(err.Error(), "remote execution backend 127.0.0.1:1") {
 		t.Errorf("unreachable remote: %v", err)
+	}
+}
+
+// TestGatewayStatus: a gateway in front of a farm (with no-op executors:
+// no root needed) runs actions there, and its Admin status shows the
+// backend, healthy, then unhealthy once the remote is gone.
+func TestGatewayStatus(t *testing.T) {
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	rcfg := config.Default()
+	rcfg.Data = t.TempDir()
+	rcfg.Executor.Sandbox = "noop"
+	remote, err := StartEmbedded(rcfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	remoteUp := true
+	defer func() {
+		if remoteUp {
+			remote.Close()
+		}
+	}()
+	gcfg := config.Default()
+	gcfg.Data = t.TempDir()
+	gcfg.Execution = config.Execution{Backend: config.BackendRemote, Remote: &config.Remote{
+		Address: remote.Addr, DigestFunction: "sha256", IsolatedNetwork: true, RPCTimeout: config.Duration(5 * time.Second)}}
+	gw, err := StartEmbedded(gcfg, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer gw.Close()
+	conn, err := grpc.NewClient(gw.Addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+
+	// An action through the gateway: the no-op executors "run" it.
+	cas := blobstore.NewGRPC(conn, "", blobstore.GRPCOptions{})
+	put := func(m proto.Message) digest.Digest {
+		b, _ := proto.Marshal(m)
+		d := digest.Compute(digest.SHA256, b)
+		if err := blobstore.PutBytes(ctx, cas, d, b); err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	cmd := put(&repb.Command{Arguments: []string{"/bin/true"}, OutputPaths: []string{"out"}})
+	ad := put(&repb.Action{CommandDigest: cmd.Proto(), InputRootDigest: digest.Empty(digest.SHA256).Proto(), DoNotCache: true})
+	stream, err := repb.NewExecutionClient(conn).Execute(ctx, &repb.ExecuteRequest{ActionDigest: ad.Proto(), DigestFunction: repb.DigestFunction_SHA256})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		op, err := stream.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if op.Done {
+			if op.GetError() != nil {
+				t.Fatalf("operation failed: %v", op.GetError())
+			}
+			break
+		}
+	}
+
+	admin := adminpb.NewAdminClient(conn)
+	st, err := admin.Status(ctx, &adminpb.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := st.Execution
+	if x == nil || x.Backend != "remote" || x.Address != remote.Addr || !x.Healthy || x.DigestFunction != "sha256" || x.Forwarded != 1 {
+		t.Fatalf("execution status %v", x)
+	}
+	if !slices.Contains(st.Roles, "gateway") || slices.Contains(st.Roles, "scheduler") {
+		t.Errorf("roles %v", st.Roles)
+	}
+	caps, err := repb.NewCapabilitiesClient(conn).GetCapabilities(ctx, &repb.GetCapabilitiesRequest{})
+	if err != nil || !caps.GetExecutionCapabilities().GetExecEnabled() || caps.GetExecutionCapabilities().GetDigestFunction() != repb.DigestFunction_SHA256 {
+		t.Errorf("capabilities %v %v", caps, err)
+	}
+
+	remote.Close()
+	remoteUp = false
+	st, err = admin.Status(ctx, &adminpb.StatusRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Execution.Healthy || st.Execution.Error == "" {
+		t.Errorf("status with the remote gone: %v", st.Execution)
 	}
 }
