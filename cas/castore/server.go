@@ -36,6 +36,20 @@ func RegisterAs(s grpc.ServiceRegistrar, desc, as *grpc.ServiceDesc, impl any) {
 	d := *desc
 	d.ServiceName = as.ServiceName
 	d.Metadata = as.Metadata
+	// Unary handlers name their method to interceptors themselves: give
+	// interceptors (logging, metrics) the name the client called.
+	d.Methods = make([]grpc.MethodDesc, len(desc.Methods))
+	for i, m := range desc.Methods {
+		h, full := m.Handler, "/"+as.ServiceName+"/"+m.MethodName
+		d.Methods[i] = grpc.MethodDesc{MethodName: m.MethodName, Handler: func(srv any, ctx context.Context, dec func(any) error, ic grpc.UnaryServerInterceptor) (any, error) {
+			if ic == nil {
+				return h(srv, ctx, dec, nil)
+			}
+			return h(srv, ctx, dec, func(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+				return ic(ctx, req, &grpc.UnaryServerInfo{Server: info.Server, FullMethod: full}, handler)
+			})
+		}}
+	}
 	s.RegisterService(&d, impl)
 }
 

@@ -631,3 +631,37 @@ func TestREAPIMapping(t *testing.T) {
 		t.Errorf("ToREAPI(missing) = %v, want FailedPrecondition", err)
 	}
 }
+
+// TestRegisterAsNamesMethods: interceptors see the method the client
+// called, also for the family registered with RegisterAs.
+func TestRegisterAsNamesMethods(t *testing.T) {
+	cas := blobstore.NewMemory(blobstore.CAS, 1<<20)
+	st := castore.NewStore(cas, blobstore.NewMemory(blobstore.AC, 1<<20), t.TempDir())
+	seen := make(chan string, 4)
+	srv := grpc.NewServer(grpc.UnaryInterceptor(func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+		seen <- info.FullMethod
+		return h(ctx, req)
+	}))
+	castore.Register(srv, st)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(lis)
+	defer srv.Stop()
+	conn, err := grpc.NewClient(lis.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx := context.Background()
+	if _, err := snixcastorepb.NewBlobServiceClient(conn).Stat(ctx, &snixcastorepb.StatBlobRequest{Digest: castore.EmptyDigest[:]}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := castorepb.NewBlobServiceClient(conn).Stat(ctx, &castorepb.StatBlobRequest{Digest: castore.EmptyDigest[:]}); err != nil {
+		t.Fatal(err)
+	}
+	if a, b := <-seen, <-seen; a != "/snix.castore.v1.BlobService/Stat" || b != "/tvix.castore.v1.BlobService/Stat" {
+		t.Errorf("interceptor saw %s and %s", a, b)
+	}
+}
