@@ -3,6 +3,7 @@ package castore
 import (
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"unicode/utf8"
 
@@ -29,6 +30,21 @@ import (
 // both directions; a recorded mapping whose target root has left the CAS
 // is recomputed. Only BLAKE3 REAPI trees can be mapped, and only castore
 // trees whose names are UTF-8 (REAPI names are proto strings).
+
+// ErrNotUTF8 is wrapped by the error of ToREAPI for a tree with a name or
+// symlink target that is not UTF-8: REAPI names and targets are proto
+// strings. The error is also a FailedPrecondition status.
+var ErrNotUTF8 = errors.New("castore: not UTF-8")
+
+// statusError is a gRPC status that wraps a sentinel error.
+type statusError struct {
+	st  *status.Status
+	err error
+}
+
+func (e *statusError) Error() string              { return e.st.Message() }
+func (e *statusError) GRPCStatus() *status.Status { return e.st }
+func (e *statusError) Unwrap() error              { return e.err }
 
 // mappingKey returns the action-cache key of the mapping of a root.
 func mappingKey(kind string, h [DigestLen]byte) digest.Digest {
@@ -94,7 +110,7 @@ func (t *toREAPI) dir(ctx context.Context, h [DigestLen]byte, name []byte, depth
 	height := 0
 	utf := func(b []byte) (string, error) {
 		if !utf8.Valid(b) {
-			return "", status.Errorf(codes.FailedPrecondition, "castore: name %q in %s is not UTF-8 and has no REAPI equivalent", b, hexDigest(h[:]))
+			return "", &statusError{status.Newf(codes.FailedPrecondition, "castore: name %q in %s is not UTF-8 and has no REAPI equivalent", b, hexDigest(h[:])), ErrNotUTF8}
 		}
 		return string(b), nil
 	}

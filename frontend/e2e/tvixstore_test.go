@@ -277,6 +277,32 @@ func TestTvixStore(t *testing.T) {
 	}
 	checkRoundTrip(ctx, t, c, cst, snixPaths, chainA)
 
+	// A name that is not UTF-8: castore stores it and CalculateNAR renders
+	// it from the castore tree, as Nix does; it has no REAPI form, so it
+	// cannot become a farm path info.
+	drvs, err = nixtest.Instantiate(ctx, nixtest.CorpusFile(), []string{"nonUtf8Name"}, map[string]string{"busybox": bb, "salt": s1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nonUTF8, _, err := nixtest.Realise(ctx, drvs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, info := range nonUTF8 {
+		root, err := c.ingestNAR(ctx, bytes.NewReader(nixDump(ctx, t, info.Path)))
+		if err != nil {
+			t.Fatalf("%s: ingest: %v", info.Path, err)
+		}
+		cn, err := c.paths.CalculateNAR(ctx, root)
+		if err != nil || "sha256:"+nixtest.Nix32(cn.NarSha256) != info.NarHash || cn.NarSize != info.NarSize {
+			t.Errorf("%s: CalculateNAR = %v, %v; Nix %s %d", info.Path, cn, err, info.NarHash, info.NarSize)
+		}
+		if _, err := c.paths.Put(ctx, tvixPathInfo(t, info, root)); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "UTF-8") {
+			t.Errorf("%s: Put of a non-UTF-8 tree: %v, want FailedPrecondition", info.Path, err)
+		}
+		t.Logf("%s: CalculateNAR from castore matches Nix", info.Path)
+	}
+
 	// 2. The Tvix-put chain-a is an input of a farm build.
 	res, err := coordinator.New(tf.farm, tf.cfg).Build(ctx, []coordinator.Request{{Drv: dependent}})
 	if err != nil {

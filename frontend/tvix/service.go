@@ -16,7 +16,9 @@ package tvix
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
+	"hash"
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/nixbase32"
@@ -88,7 +90,7 @@ func (s *Service) Put(ctx context.Context, in *tvixstorepb.PathInfo) (*tvixstore
 	if err != nil {
 		return nil, err
 	}
-	got, err := s.calculate(ctx, info.Castore, nn)
+	got, err := s.calculate(ctx, info.Castore, &nn)
 	if err != nil {
 		return nil, err
 	}
@@ -110,15 +112,18 @@ func (s *Service) CalculateNAR(ctx context.Context, n *castorepb.Node) (*tvixsto
 		return nil, status.Errorf(codes.InvalidArgument, "pathinfo: invalid root node: %v", err)
 	}
 	nn, err := s.narNode(ctx, n)
+	if errors.Is(err, castore.ErrNotUTF8) {
+		return s.calculate(ctx, n, nil) // rendered from the castore tree
+	}
 	if err != nil {
 		return nil, err
 	}
-	return s.calculate(ctx, n, nn)
+	return s.calculate(ctx, n, &nn)
 }
 
-// calculate renders the NAR of nn (the REAPI form of the castore node n),
-// cached in the action-cache store by n's encoding.
-func (s *Service) calculate(ctx context.Context, n *castorepb.Node, nn nar.Node) (*tvixstorepb.CalculateNARResponse, error) {
+// calculate renders the NAR of nn (the REAPI form of the castore node n;
+// nil to render n's castore tree itself), cached in the action-cache store by n's encoding.
+func (s *Service) calculate(ctx context.Context, n *castorepb.Node, nn *nar.Node) (*tvixstorepb.CalculateNARResponse, error) {
 	enc, err := proto.MarshalOptions{Deterministic: true}.Marshal(n)
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "pathinfo: %v", err)
@@ -131,7 +136,16 @@ func (s *Service) calculate(ctx context.Context, n *castorepb.Node, nn nar.Node)
 			return &r, nil
 		}
 	}
-	pi, err := nar.Info(ctx, s.st.CAS(), digest.BLAKE3, nn, nil)
+	var pi nar.PathInfo
+	if nn != nil {
+		pi, err = nar.Info(ctx, s.st.CAS(), digest.BLAKE3, *nn, nil)
+	} else {
+		h := &narHasher{h: sha256.New()}
+		if err = s.writeCastoreNAR(ctx, n, h); err == nil {
+			pi.NarSize = h.n
+			copy(pi.NarHash[:], h.h.Sum(nil))
+		}
+	}
 	if err != nil {
 		if c := status.Code(err); c == codes.NotFound || c == codes.Unknown {
 			return nil, status.Errorf(codes.FailedPrecondition, "pathinfo: rendering the NAR: %v (upload blobs and directories first)", err)
@@ -150,4 +164,15 @@ func (s *Service) calculate(ctx context.Context, n *castorepb.Node, nn nar.Node)
 // mount's root.
 func (s *Service) List(*tvixstorepb.ListPathInfoRequest, grpc.ServerStreamingServer[tvixstorepb.PathInfo]) error {
 	return status.Error(codes.Unimplemented, "pathinfo: List is not supported: the farm's path-info store is not enumerable; look paths up by hash with Get")
+}
+
+// narHasher hashes and counts a NAR.
+type narHasher struct {
+	h hash.Hash
+	n uint64
+}
+
+func (w *narHasher) Write(p []byte) (int, error) {
+	w.n += uint64(len(p))
+	return w.h.Write(p)
 }

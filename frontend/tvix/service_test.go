@@ -95,7 +95,11 @@ func (e *env) putDirs(t *testing.T, dirs ...*castorepb.Directory) []byte {
 
 // narOfHello is the NAR of a directory holding one file "hello" with
 // contents "hi\n", as nix-store --dump writes it.
-func narOfHello() []byte {
+func narOfHello() []byte { return narOf("hello") }
+
+// narOf is the NAR of a directory holding one file named name with
+// contents "hi\n".
+func narOf(name string) []byte {
 	var b []byte
 	str := func(s string) {
 		var n [8]byte
@@ -108,7 +112,7 @@ func narOfHello() []byte {
 			b = append(b, 0)
 		}
 	}
-	for _, s := range []string{"nix-archive-1", "(", "type", "directory", "entry", "(", "name", "hello", "node", "(", "type", "regular", "contents", "hi\n", ")", ")", ")"} {
+	for _, s := range []string{"nix-archive-1", "(", "type", "directory", "entry", "(", "name", name, "node", "(", "type", "regular", "contents", "hi\n", ")", ")", ")"} {
 		str(s)
 	}
 	return b
@@ -200,6 +204,14 @@ func TestPathInfoService(t *testing.T) {
 	fileNode := &castorepb.Node{Node: &castorepb.Node_File{File: &castorepb.FileNode{Digest: e.putBlob(t, []byte("x")), Size: 1, Executable: true}}}
 	if r, err := e.tvix.CalculateNAR(ctx, fileNode); err != nil || r.NarSize != 152 {
 		t.Errorf("CalculateNAR(file) = %v, %v", r, err)
+	}
+	// A name that is not UTF-8: rendered from the castore tree.
+	odd := string([]byte{'a', 0xff})
+	oddRoot := e.putDirs(t, &castorepb.Directory{Files: []*castorepb.FileNode{{Name: []byte(odd), Digest: e.putBlob(t, []byte("hi\n")), Size: 3}}})
+	wantSum := sha256.Sum256(narOf(odd))
+	if r, err := e.tvix.CalculateNAR(ctx, &castorepb.Node{Node: &castorepb.Node_Directory{Directory: &castorepb.DirectoryNode{Digest: oddRoot, Size: 2}}}); err != nil ||
+		r.NarSize != uint64(len(narOf(odd))) || string(r.NarSha256) != string(wantSum[:]) {
+		t.Errorf("CalculateNAR(non-UTF-8 name) = %v, %v", r, err)
 	}
 	// List is not supported.
 	ls, err := e.tvix.List(ctx, &tvixstorepb.ListPathInfoRequest{})
