@@ -58,6 +58,7 @@ type Execution struct {
 	cfg    ExecutionConfig
 	log    *slog.Logger
 	ws     *Workers
+	reader *casReader
 }
 
 // NewExecution returns the services for node n, reading actions and
@@ -74,7 +75,7 @@ func NewExecution(n *Node, stores *blobstore.Instances, ws *Workers, cfg Executi
 	if log == nil {
 		log = slog.Default()
 	}
-	e := &Execution{n: n, stores: stores, cfg: cfg, log: log, ws: ws}
+	e := &Execution{n: n, stores: stores, cfg: cfg, log: log, ws: ws, reader: newCASReader(n.ctx, cfg.ReadTimeout)}
 	n.setAdmission(e.admit)
 	return e
 }
@@ -285,7 +286,7 @@ func (e *Execution) get(name string) (*longrunningpb.Operation, bool) {
 // else its Command's.
 func (e *Execution) platform(ctx context.Context, cas blobstore.BlobAccess, ad digest.Digest) (*repb.Action, []*schedulerpb.Property, error) {
 	action := &repb.Action{}
-	if err := getProto(ctx, cas, ad, action); err != nil {
+	if err := e.getProto(ctx, cas, ad, action); err != nil {
 		return nil, nil, err
 	}
 	p := action.Platform
@@ -295,7 +296,7 @@ func (e *Execution) platform(ctx context.Context, cas blobstore.BlobAccess, ad d
 			return nil, nil, status.Errorf(codes.InvalidArgument, "action %s: command digest: %v", ad.Sprint(), err)
 		}
 		var cmd repb.Command
-		if err := getProto(ctx, cas, cd, &cmd); err != nil {
+		if err := e.getProto(ctx, cas, cd, &cmd); err != nil {
 			return nil, nil, err
 		}
 		p = cmd.Platform
@@ -309,8 +310,8 @@ func (e *Execution) platform(ctx context.Context, cas blobstore.BlobAccess, ad d
 
 // getProto reads and decodes message d; a missing one is the
 // FAILED_PRECONDITION with a MISSING violation REAPI prescribes.
-func getProto(ctx context.Context, cas blobstore.BlobAccess, d digest.Digest, m proto.Message) error {
-	data, err := blobstore.GetBytes(ctx, cas, d, 64<<20)
+func (e *Execution) getProto(ctx context.Context, cas blobstore.BlobAccess, d digest.Digest, m proto.Message) error {
+	data, err := e.reader.get(ctx, cas, d)
 	if blobstore.IsNotFound(err) {
 		return missing(d)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -19,6 +20,14 @@ import (
 // forwardedKey marks a forwarded call, so that a node that is no longer
 // the leader answers UNAVAILABLE instead of forwarding it again.
 const forwardedKey = "x-tvixfarm-forwarded"
+
+// electionWait bounds how long a follower waits for a leader to forward
+// to.
+const electionWait = 2 * time.Second
+
+// noLeader is the message of the UNAVAILABLE error of a call that found no
+// leader to forward to.
+const noLeader = "scheduler: no leader yet; retry"
 
 // ForwardedServices are the gRPC services whose calls run on the leader.
 // Execution's calls (Execute, WaitExecution) run on the node the client
@@ -89,7 +98,7 @@ func (f *Forwarder) target(ctx context.Context, method string) (*grpc.ClientConn
 func (f *Forwarder) leader() (*grpc.ClientConn, error) {
 	id, addr := f.n.Leader()
 	if id == "" || addr == "" || id == f.n.ID() {
-		return nil, status.Error(codes.Unavailable, "scheduler: no leader yet; retry")
+		return nil, status.Error(codes.Unavailable, noLeader)
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -141,13 +150,40 @@ func (f *Forwarder) StreamInterceptor() grpc.StreamServerInterceptor {
 	}
 }
 
+// notLeader is the message of the UNAVAILABLE error with which a node
+// that does not lead refuses a forwarded batch, before applying anything:
+// the follower may send it again to the next leader.
+const notLeader = "scheduler: not the leader; nothing applied"
+
 // applyOnLeader applies a batch on the leader: Node.Apply on a follower.
+// While there is no leader, or the node it forwards to no longer leads
+// (both refusals that applied nothing), it retries for up to
+// electionWait: about what an election takes.
 func (f *Forwarder) applyOnLeader(ctx context.Context, b *schedulerpb.Batch) ([]state.Result, uint64, error) {
-	conn, err := f.leader()
-	if err != nil {
-		return nil, 0, err
+	req := &schedulerpb.ApplyRequest{Batch: b}
+	var resp *schedulerpb.ApplyResponse
+	var err error
+	giveUp := time.Now().Add(electionWait)
+	for delay := 10 * time.Millisecond; ; delay = min(2*delay, 200*time.Millisecond) {
+		var conn *grpc.ClientConn
+		conn, err = f.leader()
+		if err == nil {
+			resp, err = schedulerpb.NewLeaderClient(conn).Apply(ctx, req)
+			if err == nil || status.Convert(err).Message() != notLeader {
+				break
+			}
+		} else if status.Convert(err).Message() != noLeader {
+			return nil, 0, err
+		}
+		if time.Now().Add(delay).After(giveUp) {
+			return nil, 0, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, 0, err
+		case <-time.After(delay):
+		}
 	}
-	resp, err := schedulerpb.NewLeaderClient(conn).Apply(ctx, &schedulerpb.ApplyRequest{Batch: b})
 	if err != nil {
 		if _, ok := status.FromError(err); !ok || status.Code(err) == codes.Unknown {
 			err = status.Errorf(codes.Unavailable, "scheduler: applying on the leader: %v", err)
@@ -173,7 +209,7 @@ func (f *Forwarder) applyOnLeader(ctx context.Context, b *schedulerpb.Batch) ([]
 // rejects (see Execution) fail alone, without being applied.
 func (f *Forwarder) Apply(ctx context.Context, req *schedulerpb.ApplyRequest) (*schedulerpb.ApplyResponse, error) {
 	if !f.n.IsLeader() {
-		return nil, status.Error(codes.Unavailable, "scheduler: not the leader")
+		return nil, status.Error(codes.Unavailable, notLeader)
 	}
 	cmds := req.GetBatch().GetCommands()
 	out := make([]*schedulerpb.CommandResult, len(cmds))
