@@ -345,6 +345,29 @@ func TestTvixStore(t *testing.T) {
 	if err != nil || len(res.Errors) > 0 {
 		t.Fatalf("tvixfarm build: %v %v", err, res.Errors)
 	}
+	// List (the farm's path-info index) names every path the build made.
+	ls, err := c.paths.List(ctx, &tvixstorepb.ListPathInfoRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	listed := map[string]bool{}
+	for {
+		li, err := ls.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("List: %v", err)
+		}
+		listed[string(castore.NodeName(li.Node))] = true
+	}
+	for _, drv := range drvs {
+		for _, p := range res.Outputs[drv] {
+			if !listed[path.Base(p)] {
+				t.Errorf("List does not name %s", p)
+			}
+		}
+	}
 	for _, drv := range drvs {
 		nixInfos, _, err := nixtest.Realise(ctx, drv)
 		if err != nil {

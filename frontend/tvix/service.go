@@ -159,11 +159,23 @@ func (s *Service) calculate(ctx context.Context, n *castorepb.Node, nn *nar.Node
 	return r, nil
 }
 
-// List is not supported: the farm's path-info store is keyed by hash and
-// cannot be enumerated. Tvix clients only use List for listing a FUSE
-// mount's root.
-func (s *Service) List(*tvixstorepb.ListPathInfoRequest, grpc.ServerStreamingServer[tvixstorepb.PathInfo]) error {
-	return status.Error(codes.Unimplemented, "pathinfo: List is not supported: the farm's path-info store is not enumerable; look paths up by hash with Get")
+// List streams every path info of a store that can be enumerated
+// (pathinfo.Lister: the farm's store is, through its index, for the paths
+// put through this process); others answer UNIMPLEMENTED. Tvix clients use
+// List for listing a FUSE mount's root.
+func (s *Service) List(_ *tvixstorepb.ListPathInfoRequest, stream grpc.ServerStreamingServer[tvixstorepb.PathInfo]) error {
+	l, ok := s.paths.(pathinfo.Lister)
+	if !ok {
+		return status.Error(codes.Unimplemented, "pathinfo: List is not supported by this store: it is not enumerable; look paths up by hash with Get")
+	}
+	ctx := stream.Context()
+	return l.List(ctx, func(info *storepb.PathInfo) error {
+		ti, err := s.ToTvix(ctx, info)
+		if err != nil {
+			return err
+		}
+		return stream.Send(ti)
+	})
 }
 
 // narHasher hashes and counts a NAR.

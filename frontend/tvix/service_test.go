@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -45,7 +46,11 @@ func newEnv(t *testing.T) *env {
 	}
 	t.Cleanup(func() { cas.(io.Closer).Close() })
 	ac := blobstore.NewMemory(blobstore.AC, 64<<20)
-	paths := pathinfo.NewBlobStore(ac, cas)
+	paths, err := pathinfo.NewIndexed(pathinfo.NewBlobStore(ac, cas), filepath.Join(t.TempDir(), "pathinfo.index"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { paths.Close() })
 	srv := grpc.NewServer()
 	tvix.Register(srv, paths, castore.NewStore(cas, ac, t.TempDir()), ac)
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
@@ -213,20 +218,36 @@ func TestPathInfoService(t *testing.T) {
 		r.NarSize != uint64(len(narOf(odd))) || string(r.NarSha256) != string(wantSum[:]) {
 		t.Errorf("CalculateNAR(non-UTF-8 name) = %v, %v", r, err)
 	}
-	// List is not supported.
+	// List: the put path, from both families.
 	ls, err := e.tvix.List(ctx, &tvixstorepb.ListPathInfoRequest{})
-	if err == nil {
-		_, err = ls.Recv()
+	if err != nil {
+		t.Fatal(err)
 	}
-	if status.Code(err) != codes.Unimplemented {
-		t.Errorf("List: %v, want Unimplemented", err)
+	var listed []*tvixstorepb.PathInfo
+	for {
+		li, err := ls.Recv()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		listed = append(listed, li)
+	}
+	if len(listed) != 1 || !proto.Equal(listed[0], pi) {
+		t.Errorf("List = %v, want the put path info", listed)
 	}
 	sls, err := e.snix.List(ctx, &snixstorepb.ListPathInfoRequest{})
-	if err == nil {
-		_, err = sls.Recv()
+	if err != nil {
+		t.Fatal(err)
 	}
-	if status.Code(err) != codes.Unimplemented {
-		t.Errorf("snix List: %v, want Unimplemented", err)
+	if si, err := sls.Recv(); err != nil || !strings.Contains(si.String(), path1) {
+		t.Errorf("snix List: %v, %v", si, err)
+	}
+	// A store that cannot be enumerated answers UNIMPLEMENTED.
+	plain := tvix.NewService(pathinfo.NewBlobStore(blobstore.NewMemory(blobstore.AC, 1<<20), nil), nil, nil)
+	if err := plain.List(&tvixstorepb.ListPathInfoRequest{}, nil); status.Code(err) != codes.Unimplemented {
+		t.Errorf("List of a plain store: %v, want Unimplemented", err)
 	}
 }
 

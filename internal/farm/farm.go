@@ -273,7 +273,19 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		repb.RegisterContentAddressableStorageServer(f.srv, grpcservers.NewCASServer(stores))
 		repb.RegisterActionCacheServer(f.srv, grpcservers.NewActionCacheServer(stores))
 		bspb.RegisterByteStreamServer(f.srv, grpcservers.NewByteStreamServer(bctx, stores, time.Duration(cfg.Storage.UploadIdleTimeout)))
-		f.paths = pathinfo.NewBlobStore(stores.Default.AC, stores.Default.CAS)
+		if err := os.MkdirAll(cfg.Data, 0o755); err != nil {
+			f.lis.Close()
+			f.closeAll()
+			return nil, fmt.Errorf("data directory: %w", err)
+		}
+		paths, err := pathinfo.NewIndexed(pathinfo.NewBlobStore(stores.Default.AC, stores.Default.CAS), filepath.Join(cfg.Data, "pathinfo.index"))
+		if err != nil {
+			f.lis.Close()
+			f.closeAll()
+			return nil, err
+		}
+		f.closers = append(f.closers, paths)
+		f.paths = paths
 		storepb.RegisterStoreServer(f.srv, pathinfo.NewServer(f.paths))
 		// Tvix and Snix clients: castore and PathInfoService on the same
 		// stores, under tvix.*.v1 and snix.*.v1. Large castore uploads are
