@@ -77,12 +77,16 @@ const (
 	PropPidsLimit = "pids-limit"
 	// PropCPULimit bounds CPU time, in cores ("1.5").
 	PropCPULimit = "cpu-limit"
+	// PropMinMemory is the memory the build needs (Tvix's min_memory;
+	// suffixes K, M, G, T): a worker with less, or a memory limit below
+	// it, refuses the action with FAILED_PRECONDITION.
+	PropMinMemory = "min-memory"
 )
 
 // OptionProperties are the platform properties that configure how an
 // action runs rather than which worker may run it; the scheduler does not
 // match them against workers' platforms.
-var OptionProperties = []string{PropNetwork, PropPTY, PropMemoryLimit, PropPidsLimit, PropCPULimit}
+var OptionProperties = []string{PropNetwork, PropPTY, PropMemoryLimit, PropPidsLimit, PropCPULimit, PropMinMemory}
 
 // Config configures an Executor.
 type Config struct {
@@ -478,6 +482,16 @@ func (e *Executor) plan(action *repb.Action, cmd *repb.Command) (*plan, error) {
 	if p.shape.Limits.MemoryBytes, err = parseSize(props[PropMemoryLimit]); err != nil {
 		return nil, status.Errorf(codes.InvalidArgument, "platform property %s: %v", PropMemoryLimit, err)
 	}
+	if min, err := parseSize(props[PropMinMemory]); err != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "platform property %s: %v", PropMinMemory, err)
+	} else if min > 0 {
+		if l := p.shape.Limits.MemoryBytes; l > 0 && l < min {
+			return nil, status.Errorf(codes.FailedPrecondition, "the action needs %d bytes of memory (%s) but limits itself to %d (%s)", min, PropMinMemory, l, PropMemoryLimit)
+		}
+		if total := hostMemory(); total > 0 && total < min {
+			return nil, status.Errorf(codes.FailedPrecondition, "the action needs %d bytes of memory (%s); worker %s has %d", min, PropMinMemory, e.cfg.Name, total)
+		}
+	}
 	if v := props[PropPidsLimit]; v != "" {
 		if p.shape.Limits.Pids, err = strconv.ParseInt(v, 10, 64); err != nil || p.shape.Limits.Pids < 1 {
 			return nil, status.Errorf(codes.InvalidArgument, "platform property %s=%q: want a positive integer", PropPidsLimit, v)
@@ -780,4 +794,23 @@ func parseSize(s string) (int64, error) {
 		return 0, fmt.Errorf("%q is not a positive size", s)
 	}
 	return n * mult, nil
+}
+
+// hostMemory is the host's MemTotal in bytes, 0 if unknown.
+func hostMemory() int64 {
+	data, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(l, "MemTotal:"); ok {
+			f := strings.Fields(v)
+			if len(f) == 2 && f[1] == "kB" {
+				if n, err := strconv.ParseInt(f[0], 10, 64); err == nil {
+					return n << 10
+				}
+			}
+		}
+	}
+	return 0
 }

@@ -3,6 +3,7 @@ package executor
 import (
 	"context"
 	"fmt"
+	"maps"
 	"slices"
 	"strings"
 	"testing"
@@ -645,6 +646,22 @@ func TestPlatformMismatch(t *testing.T) {
 	a := e.nixAction("true", func(a *action) { a.platform[PropNixFeatures] = "big-parallel,kvm" })
 	if code, _, errs := e.sh(a); code != 0 {
 		t.Errorf("features subset refused: %d %s", code, errs)
+	}
+	// min-memory: more than the host has, or more than the action's own
+	// limit, is refused; a little runs.
+	for _, p := range []map[string]string{
+		{PropMinMemory: "1048576G"},
+		{PropMinMemory: "200M", PropMemoryLimit: "100M"},
+	} {
+		a := e.nixAction("true", func(a *action) { maps.Copy(a.platform, p) })
+		_, err := e.exec.Execute(context.Background(), &Request{Action: e.upload(a)})
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "needs") {
+			t.Errorf("platform %v: err %v, want FAILED_PRECONDITION", p, err)
+		}
+	}
+	a = e.nixAction("true", func(a *action) { a.platform[PropMinMemory] = "1M" })
+	if code, _, errs := e.sh(a); code != 0 {
+		t.Errorf("min-memory 1M refused: %d %s", code, errs)
 	}
 }
 

@@ -28,6 +28,7 @@ import (
 	"log/slog"
 	"path"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -117,6 +118,10 @@ type Result struct {
 }
 
 const fn = digest.BLAKE3
+
+// PropMinMemory carries BuildConstraints.min_memory to the executor
+// (executor.PropMinMemory), which refuses the action if it has less.
+const PropMinMemory = "min-memory"
 
 // logTailLines is how much of a failed build's log its error shows.
 const logTailLines = 10
@@ -338,6 +343,9 @@ func (s *Service) action(req *buildpb.BuildRequest, root digest.Digest, blobs ma
 	props := []*repb.Platform_Property{{Name: translate.PropNixSystem, Value: system}}
 	if req.GetConstraints().GetNetworkAccess() {
 		props = append(props, &repb.Platform_Property{Name: translate.PropNetwork, Value: "true"})
+	}
+	if m := req.GetConstraints().GetMinMemory(); m > 0 {
+		props = append(props, &repb.Platform_Property{Name: PropMinMemory, Value: strconv.FormatUint(m, 10)})
 	}
 	sort.Slice(props, func(i, j int) bool { return props[i].Name < props[j].Name })
 	cmd.Platform = &repb.Platform{Properties: props}

@@ -46,7 +46,7 @@ const (
 
 // DefaultIgnoredKeys are the platform properties that configure how an
 // action runs rather than where (executor.OptionProperties).
-var DefaultIgnoredKeys = []string{"network", "nix-pty", "memory-limit", "pids-limit", "cpu-limit"}
+var DefaultIgnoredKeys = []string{"network", "nix-pty", "memory-limit", "pids-limit", "cpu-limit", "min-memory"}
 
 // DefaultListKeys are the platform properties whose values are
 // comma-separated sets.
