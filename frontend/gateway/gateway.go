@@ -746,6 +746,19 @@ func (g *Remote) fetchResult(ctx context.Context, cas blobstore.BlobAccess, resp
 	if err := copyBlobs(ctx, g.rcas, cas, ds); err != nil {
 		return err
 	}
+	// A server that inlines a stream without its digest: store it.
+	for _, s := range []struct {
+		raw []byte
+		d   **repb.Digest
+	}{{res.StdoutRaw, &res.StdoutDigest}, {res.StderrRaw, &res.StderrDigest}} {
+		if *s.d == nil && len(s.raw) > 0 {
+			d := digest.Compute(fn, s.raw)
+			if err := blobstore.PutBytes(ctx, cas, d, s.raw); err != nil {
+				return fmt.Errorf("inlined stream: %w", err)
+			}
+			*s.d = d.Proto()
+		}
+	}
 	if pty {
 		return mergeLog(ctx, cas, fn, res)
 	}

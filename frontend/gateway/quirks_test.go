@@ -54,6 +54,8 @@ type quirks struct {
 	treeOnly, rootOnly bool
 	// onlySHA256 announces SHA-256 as the only digest function.
 	onlySHA256 bool
+	// inlineOnly returns stdout and stderr inlined, without digests.
+	inlineOnly bool
 
 	getTree, waitExecution, execute atomic.Int32
 	maxBatch                        atomic.Int64
@@ -195,10 +197,15 @@ func (s *quirkServer) forward(up grpc.ServerStreamingClient[longrunningpb.Operat
 		if err != nil {
 			return err
 		}
-		if r := op.GetResponse(); r != nil && (s.q.treeOnly || s.q.rootOnly) {
+		if r := op.GetResponse(); r != nil && (s.q.treeOnly || s.q.rootOnly || s.q.inlineOnly) {
 			var resp repb.ExecuteResponse
 			if err := r.UnmarshalTo(&resp); err != nil {
 				return err
+			}
+			if res := resp.GetResult(); s.q.inlineOnly && res != nil {
+				if err := s.inline(down.Context(), res); err != nil {
+					return err
+				}
 			}
 			for _, od := range resp.GetResult().GetOutputDirectories() {
 				if s.q.treeOnly {
@@ -218,6 +225,25 @@ func (s *quirkServer) forward(up grpc.ServerStreamingClient[longrunningpb.Operat
 			return status.Error(codes.Unavailable, "quirk: stream dropped")
 		}
 	}
+}
+
+// inline moves stdout and stderr into the result (SHA-256 only, as the
+// tests that use it).
+func (s *quirkServer) inline(ctx context.Context, res *repb.ActionResult) error {
+	for _, f := range []struct {
+		d   **repb.Digest
+		raw *[]byte
+	}{{&res.StdoutDigest, &res.StdoutRaw}, {&res.StderrDigest, &res.StderrRaw}} {
+		d, err := digest.FromProto(digest.SHA256, *f.d)
+		if err != nil {
+			return err
+		}
+		if *f.raw, err = blobstore.GetBytes(ctx, s.blob, d, 1<<20); err != nil {
+			return err
+		}
+		*f.d = nil
+	}
+	return nil
 }
 
 func getProto(ctx context.Context, cas blobstore.BlobAccess, d digest.Digest, m proto.Message) error {
@@ -501,11 +527,15 @@ func TestQuirks(t *testing.T) {
 // TestRootDirectoryOnly: a server that returns output directories as
 // root_directory_digest only (REAPI's DIRECTORY_ONLY); the gateway copies
 // their Directory messages one by one.
+// Its streams come inlined only, without digests: the gateway stores them.
 func TestRootDirectoryOnly(t *testing.T) {
-	q := &quirks{rootOnly: true}
+	q := &quirks{rootOnly: true, inlineOnly: true}
 	addr := startQuirkServer(t, startPlain(t), q)
 	g := startGateway(t, addr, gateway.Config{DigestFunction: digest.SHA256, IsolatedNetwork: true, PassProperties: config.DefaultPassProperties})
-	g.run(t, putAction(t, g.local.Default.CAS, digest.SHA256, map[string]string{"nix-system": "x86_64-linux"}))
+	resp := g.run(t, putAction(t, g.local.Default.CAS, digest.SHA256, map[string]string{"nix-system": "x86_64-linux"}))
+	if so, se := g.read(t, digest.SHA256, resp.Result.StdoutDigest), g.read(t, digest.SHA256, resp.Result.StderrDigest); string(so) != "out\n" || string(se) != "err\n" {
+		t.Errorf("stdout %q, stderr %q", so, se)
+	}
 }
 
 // TestRefusals: a remote without the digest function is refused at
