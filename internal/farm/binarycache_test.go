@@ -97,6 +97,9 @@ func TestBinaryCacheListeners(t *testing.T) {
 	if err := e.Close(); err != nil {
 		t.Error(err)
 	}
+	if err := e.Close(); err != nil { // again: returns at once
+		t.Error(err)
+	}
 
 	// A key file that is not a secret key is refused by name.
 	cfg = testConfig(t.TempDir())

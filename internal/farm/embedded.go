@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	"tvixfarm/internal/config"
@@ -18,6 +19,8 @@ type Embedded struct {
 	f    *Farm
 	stop context.CancelFunc
 	done chan error
+	once sync.Once
+	err  error
 }
 
 // embeddedPlatformGrace is the embedded farm's scheduler.platform_grace
@@ -58,11 +61,14 @@ func StartEmbedded(cfg *config.Config, log *slog.Logger) (*Embedded, error) {
 func (e *Embedded) Farm() *Farm { return e.f }
 
 // Close stops the farm and waits for it to finish.
+// Closing it again returns the first Close's result.
 func (e *Embedded) Close() error {
-	e.stop()
-	err := <-e.done
-	if errors.Is(err, context.Canceled) {
-		err = nil
-	}
-	return err
+	e.once.Do(func() {
+		e.stop()
+		e.err = <-e.done
+		if errors.Is(e.err, context.Canceled) {
+			e.err = nil
+		}
+	})
+	return e.err
 }
