@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"maps"
 	"path"
 	"slices"
 	"sort"
@@ -59,16 +60,16 @@ func glueRequest(t *testing.T, drvPath string, inputs map[string]*castorepb.Node
 		InputsDir:    "nix/store",
 		Constraints:  &buildpb.BuildRequest_BuildConstraints{System: d.Platform, ProvideBinSh: true},
 	}
-	for _, k := range mapsKeys(env) {
+	for _, k := range sortedKeys(env) {
 		req.EnvironmentVars = append(req.EnvironmentVars, &buildpb.BuildRequest_EnvVar{Key: k, Value: []byte(env[k])})
 	}
 	var needlePaths []string
-	for _, name := range mapsKeys(d.Outputs) {
+	for _, name := range sortedKeys(d.Outputs) {
 		p := d.Outputs[name].Path
 		req.Outputs = append(req.Outputs, strings.TrimPrefix(p, "/"))
 		needlePaths = append(needlePaths, p)
 	}
-	for _, p := range mapsKeys(inputs) {
+	for _, p := range sortedKeys(inputs) {
 		req.Inputs = append(req.Inputs, inputs[p])
 		needlePaths = append(needlePaths, p)
 	}
@@ -76,15 +77,6 @@ func glueRequest(t *testing.T, drvPath string, inputs map[string]*castorepb.Node
 		req.RefscanNeedles = append(req.RefscanNeedles, path.Base(p)[:32])
 	}
 	return req, needlePaths
-}
-
-func mapsKeys[V any](m map[string]V) []string {
-	ks := make([]string, 0, len(m))
-	for k := range m {
-		ks = append(ks, k)
-	}
-	sort.Strings(ks)
-	return ks
 }
 
 // TestTvixBuild sends BuildRequests made as tvix-glue makes them, for
@@ -108,8 +100,7 @@ func TestTvixBuild(t *testing.T) {
 		reqs = append(reqs, coordinator.Request{Drv: d})
 	}
 	// tvixfarm build first: it also puts busybox into the farm's store.
-	res, err := coordinator.New(tf.farm, tf.cfg).Build(ctx, reqs)
-	if err != nil {
+	if _, err := coordinator.New(tf.farm, tf.cfg).Build(ctx, reqs); err != nil {
 		t.Fatal(err)
 	}
 	st := tf.e.Farm().Stores().Default
@@ -202,7 +193,6 @@ func TestTvixBuild(t *testing.T) {
 				t.Errorf("%s: output %s: snix needles %v, tvix %v", drv, p, sres.Outputs[i].Needles, tres.OutputsNeedles[i].Needles)
 			}
 		}
-		_ = res
 	}
 
 	// Tvix sends only direct inputs: the service adds their closure. The
@@ -297,3 +287,5 @@ func castoreName(e *snixcastorepb.Entry) []byte {
 	}
 	return nil
 }
+
+func sortedKeys[V any](m map[string]V) []string { return slices.Sorted(maps.Keys(m)) }

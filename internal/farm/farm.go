@@ -62,6 +62,9 @@ type Farm struct {
 	health *health.Server
 	stores *blobstore.Instances
 	paths  pathinfo.Store
+	// castore is the Tvix view of stores (castore and PathInfo services,
+	// DoBuild), set with the storage role.
+	castore *castore.Store
 	// embedded is set by StartEmbedded.
 	embedded bool
 	closers  []io.Closer
@@ -295,7 +298,8 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		if err := os.MkdirAll(spool, 0o700); err != nil {
 			log.Warn("castore: no spool directory; large BlobService uploads will fail", "dir", spool, "err", err)
 		}
-		tvix.Register(f.srv, f.paths, castore.NewStore(stores.Default.CAS, stores.Default.AC, spool), stores.Default.AC)
+		f.castore = castore.NewStore(stores.Default.CAS, stores.Default.AC, spool)
+		tvix.Register(f.srv, f.paths, f.castore, stores.Default.AC)
 	}
 	if err := f.registerBuildService(bctx, log); err != nil {
 		f.lis.Close()

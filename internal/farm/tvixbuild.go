@@ -7,14 +7,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"tvixfarm/cas/blobstore"
-	"tvixfarm/cas/castore"
 	"tvixfarm/cas/digest"
 	"tvixfarm/frontend/translate"
 	"tvixfarm/frontend/tvixbuild"
@@ -31,7 +29,7 @@ var staticShells = []string{"/bin/busybox", "/usr/bin/busybox"}
 // service (its scheduler or a gateway backend): builds run as actions
 // through the farm's own Execution service, over loopback.
 func (f *Farm) registerBuildService(ctx context.Context, log *slog.Logger) error {
-	if f.stores == nil || (f.sched == nil && f.gw == nil) {
+	if f.castore == nil || (f.sched == nil && f.gw == nil) {
 		return nil
 	}
 	conn, err := grpc.NewClient(f.Addr(), grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -43,7 +41,7 @@ func (f *Farm) registerBuildService(ctx context.Context, log *slog.Logger) error
 	cfg := tvixbuild.Config{
 		CAS:       st.CAS,
 		Paths:     f.paths,
-		Trees:     tvixbuild.StoreTrees{S: castore.NewStore(st.CAS, st.AC, filepath.Join(f.cfg.Data, "tmp"))},
+		Trees:     tvixbuild.StoreTrees{S: f.castore},
 		Execution: repb.NewExecutionClient(conn),
 		Logger:    log,
 	}
