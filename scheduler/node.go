@@ -64,12 +64,15 @@ type NodeConfig struct {
 // state. Writes go through Apply, which batches the commands of
 // concurrent callers into one log entry; reads go through Read.
 type Node struct {
-	cfg   NodeConfig
-	log   *slog.Logger
-	fsm   *fsm
-	raft  *raft.Raft
-	trans *raft.NetworkTransport
-	store *raftboltdb.BoltStore
+	cfg NodeConfig
+	// fastStart: the node runs with fastStartTimeout until it leads
+	// (set in NewNode, then only watchLeadership touches it).
+	fastStart bool
+	log       *slog.Logger
+	fsm       *fsm
+	raft      *raft.Raft
+	trans     *raft.NetworkTransport
+	store     *raftboltdb.BoltStore
 
 	reqs   chan *applyReq
 	ctx    context.Context
@@ -178,6 +181,19 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	rc.ElectionTimeout = 500 * time.Millisecond
 	rc.LeaderLeaseTimeout = 250 * time.Millisecond
 	rc.CommitTimeout = 5 * time.Millisecond
+	// A node that forms a cluster by itself (the embedded farm) has no one
+	// to wait for, yet raft first waits out a heartbeat timeout (500 ms to
+	// 1 s) before it elects itself: every `tvixfarm build` on an embedded
+	// farm paid that. It starts with short timeouts instead and restores
+	// the normal ones once it leads (watchLeadership); only the leader
+	// lease, which raft cannot reload, stays short, which matters only if
+	// members are added to it later.
+	n.fastStart = cfg.Bootstrap && len(cfg.Peers) <= 1
+	if n.fastStart {
+		rc.HeartbeatTimeout = fastStartTimeout
+		rc.ElectionTimeout = fastStartTimeout
+		rc.LeaderLeaseTimeout = fastStartTimeout
+	}
 	rc.BatchApplyCh = true
 	rc.MaxAppendEntries = 256
 	// A removed node, the leader included, becomes an idle follower
@@ -788,6 +804,15 @@ func (n *Node) watchLeadership() {
 	defer t.Stop()
 	for {
 		n.updateLeading()
+		if n.fastStart && n.raft.State() == raft.Leader {
+			n.fastStart = false
+			rc := n.raft.ReloadableConfig()
+			rc.HeartbeatTimeout = 500 * time.Millisecond
+			rc.ElectionTimeout = 500 * time.Millisecond
+			if err := n.raft.ReloadConfig(rc); err != nil {
+				n.log.Warn("scheduler: restoring raft timeouts", "err", err)
+			}
+		}
 		select {
 		case <-n.ctx.Done():
 			return
@@ -796,6 +821,10 @@ func (n *Node) watchLeadership() {
 		}
 	}
 }
+
+// fastStartTimeout is the heartbeat and election timeout of a node that
+// forms a cluster by itself, until it leads.
+const fastStartTimeout = 50 * time.Millisecond
 
 // OnApply registers fn to be called with every applied batch's response,
 // in log order, on the FSM's goroutine: fn must not block.
