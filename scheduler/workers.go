@@ -66,8 +66,11 @@ type session struct {
 	worker   string
 	send     chan *workerpb.SchedulerMessage
 	lastSeen time.Time // guarded by Workers.mu
-	done     chan struct{}
-	once     sync.Once
+	// registered: its RegisterWorker has been applied (guarded by
+	// Workers.mu); until then it is not timed out.
+	registered bool
+	done       chan struct{}
+	once       sync.Once
 }
 
 func (s *session) close() { s.once.Do(func() { close(s.done) }) }
@@ -152,6 +155,12 @@ func (w *Workers) Connect(stream grpc.BidiStreamingServer[workerpb.WorkerMessage
 	if err != nil {
 		return err
 	}
+	// Heartbeats count from here: the registration may take longer than
+	// WorkerTimeout to commit on a leader that has just been elected, and
+	// the worker's heartbeats are not read before it has.
+	w.mu.Lock()
+	s.lastSeen, s.registered = time.Now(), true
+	w.mu.Unlock()
 	w.log.Info("scheduler: worker connected", "worker", reg.WorkerId, "slots", reg.Slots)
 
 	errc := make(chan error, 1)
@@ -339,7 +348,7 @@ func (w *Workers) deliver(resp *state.Response) {
 		send(wk, &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Assignments{Assignments: &workerpb.Assignments{Assigns: assigns[wk]}}})
 	}
 	for _, c := range resp.Cancellations {
-		send(c.Worker, &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Cancel{Cancel: &workerpb.Cancel{Operation: c.Operation}}})
+		send(c.Worker, &workerpb.SchedulerMessage{Msg: &workerpb.SchedulerMessage_Cancel{Cancel: &workerpb.Cancel{Operation: c.Operation, Lease: c.Lease}}})
 	}
 }
 
@@ -398,7 +407,7 @@ func (w *Workers) housekeeping(ctx context.Context) {
 		for _, wk := range workers {
 			reason := ""
 			if s := w.sessions[wk.Id]; s != nil {
-				if now.Sub(s.lastSeen) > w.cfg.WorkerTimeout {
+				if s.registered && now.Sub(s.lastSeen) > w.cfg.WorkerTimeout {
 					reason = "missed heartbeats"
 					s.close()
 				}

@@ -92,12 +92,14 @@ func (w *Worker) Run(ctx context.Context) error {
 	backoff := 50 * time.Millisecond
 	for {
 		start := time.Now()
-		err := w.session(ctx)
+		registered, err := w.session(ctx)
 		if ctx.Err() != nil {
 			w.cancelAll()
 			return ctx.Err()
 		}
-		if time.Since(start) > 5*time.Second {
+		// A session the scheduler accepted ended: that is news (a leader
+		// change, say), not a scheduler that keeps refusing us.
+		if registered || time.Since(start) > 5*time.Second {
 			backoff = 50 * time.Millisecond
 		}
 		w.log.Info("worker: session ended; reconnecting", "err", err, "in", backoff)
@@ -119,13 +121,23 @@ func (w *Worker) cancelAll() {
 	}
 }
 
-// session is one Connect stream.
-func (w *Worker) session(ctx context.Context) error {
+// registerTimeout bounds connecting and registering.
+const registerTimeout = 10 * time.Second
+
+// session is one Connect stream; registered reports whether the
+// scheduler accepted the registration.
+func (w *Worker) session(ctx context.Context) (registered bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream, err := workerpb.NewWorkersClient(w.conn).Connect(ctx)
+	// Wait for a connection rather than fail at once: with several
+	// scheduler addresses the first may be a dead node, and the channel
+	// moves on to the next one by itself. The registration has a
+	// deadline; the session that follows has none.
+	deadline := time.AfterFunc(registerTimeout, cancel)
+	defer deadline.Stop()
+	stream, err := workerpb.NewWorkersClient(w.conn).Connect(ctx, grpc.WaitForReady(true))
 	if err != nil {
-		return err
+		return false, err
 	}
 	w.mu.Lock()
 	var running []string
@@ -150,15 +162,18 @@ func (w *Worker) session(ctx context.Context) error {
 		reg.Platform = append(reg.Platform, &workerpb.Property{Name: p.Name, Value: p.Value})
 	}
 	if err := stream.Send(&workerpb.WorkerMessage{Msg: &workerpb.WorkerMessage_Register{Register: reg}}); err != nil {
-		return err
+		return false, err
 	}
 	first, err := stream.Recv()
 	if err != nil {
-		return err
+		return false, err
 	}
 	regd := first.GetRegistered()
 	if regd == nil {
-		return errors.New("worker: the scheduler did not accept the registration")
+		return false, errors.New("worker: the scheduler did not accept the registration")
+	}
+	if !deadline.Stop() {
+		return false, fmt.Errorf("worker: registering took longer than %v", registerTimeout)
 	}
 	interval := time.Duration(regd.HeartbeatIntervalMs) * time.Millisecond
 	if interval <= 0 {
@@ -211,7 +226,7 @@ func (w *Worker) session(ctx context.Context) error {
 				w.mu.Unlock()
 			case *workerpb.SchedulerMessage_Cancel:
 				w.mu.Lock()
-				if j := w.running[m.Cancel.Operation]; j != nil {
+				if j := w.running[m.Cancel.Operation]; j != nil && (m.Cancel.Lease == 0 || m.Cancel.Lease == j.lease) {
 					j.cancel()
 				}
 				w.mu.Unlock()
@@ -224,7 +239,7 @@ func (w *Worker) session(ctx context.Context) error {
 			}
 		}
 	}()
-	return <-errc
+	return true, <-errc
 }
 
 func (w *Worker) runningOps() []string {

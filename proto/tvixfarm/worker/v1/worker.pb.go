@@ -635,8 +635,12 @@ func (x *Assign) GetInlineStderr() bool {
 
 // Cancel tells the worker to kill an operation's sandbox.
 type Cancel struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Operation     string                 `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Operation string                 `protobuf:"bytes,1,opt,name=operation,proto3" json:"operation,omitempty"`
+	// lease, when not 0, is the lease whose run is cancelled: a worker that
+	// runs the operation under a newer lease (the action was requeued and
+	// given back to it) keeps that run.
+	Lease         uint64 `protobuf:"varint,2,opt,name=lease,proto3" json:"lease,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -676,6 +680,13 @@ func (x *Cancel) GetOperation() string {
 		return x.Operation
 	}
 	return ""
+}
+
+func (x *Cancel) GetLease() uint64 {
+	if x != nil {
+		return x.Lease
+	}
+	return 0
 }
 
 // Result is the outcome of an assignment.
@@ -976,9 +987,10 @@ const file_tvixfarm_worker_v1_worker_proto_rawDesc = "" +
 	"actionSize\x12(\n" +
 	"\x10queued_unix_nano\x18\a \x01(\x03R\x0equeuedUnixNano\x12#\n" +
 	"\rinline_stdout\x18\b \x01(\bR\finlineStdout\x12#\n" +
-	"\rinline_stderr\x18\t \x01(\bR\finlineStderr\"&\n" +
+	"\rinline_stderr\x18\t \x01(\bR\finlineStderr\"<\n" +
 	"\x06Cancel\x12\x1c\n" +
-	"\toperation\x18\x01 \x01(\tR\toperation\"g\n" +
+	"\toperation\x18\x01 \x01(\tR\toperation\x12\x14\n" +
+	"\x05lease\x18\x02 \x01(\x04R\x05lease\"g\n" +
 	"\x06Result\x12\x1c\n" +
 	"\toperation\x18\x01 \x01(\tR\toperation\x12\x14\n" +
 	"\x05lease\x18\x02 \x01(\x04R\x05lease\x12)\n" +
