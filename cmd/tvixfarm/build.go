@@ -245,6 +245,34 @@ func build(args []string) error {
 	// evaluate), the farm must already have the sources, and -o writes the
 	// outputs as plain files.
 	local, localErr := nixstore.Local()
+	// The farm starts (or is dialled) and the Nix settings are read while
+	// the evaluator runs: they do not depend on each other.
+	type prep struct {
+		fc       *farmConn
+		settings nixstore.Settings
+		err      error
+	}
+	prepc := make(chan prep, 1)
+	go func() {
+		var p prep
+		if local != nil {
+			if p.settings, p.err = nixstore.ReadSettings(ctx); p.err != nil {
+				p.err = fmt.Errorf("build: reading the Nix settings: %w", p.err)
+				prepc <- p
+				return
+			}
+		}
+		p.fc, p.err = connect(ctx, f, log)
+		prepc <- p
+	}()
+	var prepared *prep
+	defer func() {
+		if prepared == nil { // an error before the farm was taken
+			if p := <-prepc; p.fc != nil {
+				p.fc.close()
+			}
+		}
+	}()
 	var targets []coordinator.Request
 	var ev eval.Evaluator = eval.NixInstantiate{}
 	for _, p := range f.paths {
@@ -271,20 +299,14 @@ func build(args []string) error {
 		}
 	}
 	phase("evaluate")
-	var settings nixstore.Settings
-	if local != nil {
-		if settings, err = nixstore.ReadSettings(ctx); err != nil {
-			return fmt.Errorf("build: reading the Nix settings: %w", err)
-		}
+	p := <-prepc
+	prepared = &p
+	if p.err != nil {
+		return p.err
 	}
-
-	phase("settings")
-	fc, err := connect(ctx, f, log)
-	if err != nil {
-		return err
-	}
+	fc, settings := p.fc, p.settings
 	defer fc.close()
-	phase("connect")
+	phase("settings and connect")
 	sandbox, err := coordinator.SandboxFiles(ctx, fc.farm.CAS, fn, settings.SandboxPaths)
 	if err != nil {
 		return err
