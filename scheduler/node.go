@@ -177,8 +177,8 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	rc.SnapshotThreshold = cfg.SnapshotThreshold
 	rc.TrailingLogs = 4 * cfg.SnapshotThreshold
 	// Failover well under 2 s on loopback and LANs.
-	rc.HeartbeatTimeout = 500 * time.Millisecond
-	rc.ElectionTimeout = 500 * time.Millisecond
+	rc.HeartbeatTimeout = raftTimeout
+	rc.ElectionTimeout = raftTimeout
 	rc.LeaderLeaseTimeout = 250 * time.Millisecond
 	rc.CommitTimeout = 5 * time.Millisecond
 	// A node that forms a cluster by itself (the embedded farm) has no one
@@ -807,8 +807,8 @@ func (n *Node) watchLeadership() {
 		if n.fastStart && n.raft.State() == raft.Leader {
 			n.fastStart = false
 			rc := n.raft.ReloadableConfig()
-			rc.HeartbeatTimeout = 500 * time.Millisecond
-			rc.ElectionTimeout = 500 * time.Millisecond
+			rc.HeartbeatTimeout = raftTimeout
+			rc.ElectionTimeout = raftTimeout
 			if err := n.raft.ReloadConfig(rc); err != nil {
 				n.log.Warn("scheduler: restoring raft timeouts", "err", err)
 			}
@@ -822,9 +822,14 @@ func (n *Node) watchLeadership() {
 	}
 }
 
-// fastStartTimeout is the heartbeat and election timeout of a node that
-// forms a cluster by itself, until it leads.
-const fastStartTimeout = 50 * time.Millisecond
+const (
+	// raftTimeout is raft's heartbeat and election timeout: failover well
+	// under 2 s on loopback and LANs.
+	raftTimeout = 500 * time.Millisecond
+	// fastStartTimeout is the heartbeat and election timeout of a node
+	// that forms a cluster by itself, until it leads.
+	fastStartTimeout = 50 * time.Millisecond
+)
 
 // OnApply registers fn to be called with every applied batch's response,
 // in log order, on the FSM's goroutine: fn must not block.

@@ -265,9 +265,9 @@ func build(args []string) error {
 		p.fc, p.err = connect(ctx, f, log)
 		prepc <- p
 	}()
-	var prepared *prep
+	taken := false
 	defer func() {
-		if prepared == nil { // an error before the farm was taken
+		if !taken { // an error before the farm was taken
 			if p := <-prepc; p.fc != nil {
 				p.fc.close()
 			}
@@ -300,7 +300,7 @@ func build(args []string) error {
 	}
 	phase("evaluate")
 	p := <-prepc
-	prepared = &p
+	taken = true
 	if p.err != nil {
 		return p.err
 	}
