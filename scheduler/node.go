@@ -9,13 +9,12 @@ import (
 	"log/slog"
 	"net"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/raft"
-	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	raftwal "github.com/hashicorp/raft-wal"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -72,7 +71,7 @@ type Node struct {
 	fsm       *fsm
 	raft      *raft.Raft
 	trans     *raft.NetworkTransport
-	store     *raftboltdb.BoltStore
+	store     *raftwal.WAL
 
 	reqs   chan *applyReq
 	ctx    context.Context
@@ -144,9 +143,9 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 	n := &Node{cfg: cfg, log: log, reqs: make(chan *applyReq, 4096), watchers: make(map[string]map[*Watch]struct{})}
 	n.fsm = newFSM(cfg.State, n.removed, n.applied)
 
-	store, err := raftboltdb.NewBoltStore(filepath.Join(cfg.Dir, "raft.db"))
+	store, err := openLogStore(cfg.Dir, hclogger(log), log)
 	if err != nil {
-		return nil, fmt.Errorf("scheduler: raft store: %w", err)
+		return nil, fmt.Errorf("scheduler: %w", err)
 	}
 	n.store = store
 	snaps, err := raft.NewFileSnapshotStoreWithLogger(cfg.Dir, 2, hclogger(log))
