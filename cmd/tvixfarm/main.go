@@ -2,6 +2,13 @@
 // services (REAPI CAS, ByteStream, ActionCache, Capabilities), the
 // scheduler and the executor on one gRPC port, and the Nix binary cache
 // over HTTP next to it.
+//
+// Profiling, all off unless the variable is set: TVIXFARM_CPUPROFILE=FILE
+// writes a CPU profile of the whole command (go tool pprof format) to FILE;
+// TVIXFARM_ALLOCPROFILE=FILE writes the allocations it made (the allocs
+// profile) at its end; TVIXFARM_RUSAGE=1 prints, at its end, the CPU time
+// of the process itself and of its children (sandbox processes, Nix
+// commands) to stderr.
 package main
 
 import (
@@ -12,6 +19,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 
@@ -35,6 +43,7 @@ func main() {
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
 	}
+	stopProfile := startProfiles(os.Getenv("TVIXFARM_CPUPROFILE"), os.Getenv("TVIXFARM_ALLOCPROFILE"), os.Getenv("TVIXFARM_RUSAGE") != "")
 	var err error
 	switch os.Args[1] {
 	case "serve":
@@ -51,11 +60,74 @@ func main() {
 		fmt.Fprintf(os.Stderr, "tvixfarm: unknown command %q\n\n%s", os.Args[1], usage)
 		os.Exit(2)
 	}
+	stopProfile()
 	if err != nil {
 		if !errors.Is(err, flag.ErrHelp) {
 			fmt.Fprintf(os.Stderr, "tvixfarm: %v\n", err)
 		}
 		os.Exit(1)
+	}
+}
+
+// startProfiles starts a CPU profile into cpuPath and returns the function
+// that stops it, writes the allocs profile into allocPath and, if rusage,
+// prints the CPU times. Empty paths profile nothing; a profile that cannot
+// be written is reported and skipped.
+func startProfiles(cpuPath, allocPath string, rusage bool) (stop func()) {
+	stopCPU := func() {}
+	if cpuPath != "" {
+		stopCPU = startCPUProfile(cpuPath)
+	}
+	return func() {
+		stopCPU()
+		if allocPath != "" {
+			writeProfile("allocs", allocPath)
+		}
+		if rusage {
+			printRusage()
+		}
+	}
+}
+
+func printRusage() {
+	var self, children syscall.Rusage
+	if syscall.Getrusage(syscall.RUSAGE_SELF, &self) != nil || syscall.Getrusage(syscall.RUSAGE_CHILDREN, &children) != nil {
+		return
+	}
+	sec := func(t syscall.Timeval) float64 { return float64(t.Nano()) / 1e9 }
+	fmt.Fprintf(os.Stderr, "tvixfarm cpu: self %.3fs user %.3fs sys, children %.3fs user %.3fs sys\n",
+		sec(self.Utime), sec(self.Stime), sec(children.Utime), sec(children.Stime))
+}
+
+func startCPUProfile(path string) (stop func()) {
+	f, err := os.Create(path)
+	if err != nil {
+		slog.Warn("cpu profile not written", "err", err)
+		return func() {}
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		slog.Warn("cpu profile not written", "path", path, "err", err)
+		return func() {}
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			slog.Warn("cpu profile not written", "path", path, "err", err)
+		}
+	}
+}
+
+func writeProfile(name, path string) {
+	f, err := os.Create(path)
+	if err == nil {
+		err = pprof.Lookup(name).WriteTo(f, 0)
+		if cerr := f.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if err != nil {
+		slog.Warn(name+" profile not written", "path", path, "err", err)
 	}
 }
 
