@@ -120,12 +120,25 @@ func explain(err error) error {
 	return err
 }
 
+// smallUpload is the size up to which an action's blobs are sent without
+// asking the farm first which it lacks: a FindMissingBlobs round trip costs
+// more than sending a few kilobytes again, and the farm stores only the
+// blobs it lacks.
+const smallUpload = 64 << 10
+
 // uploadBlobs stores the blobs the farm lacks.
 func (r *run) uploadBlobs(ctx context.Context, blobs map[digest.Digest][]byte) error {
 	ds := slices.Collect(maps.Keys(blobs))
-	missing, err := findMissing(ctx, r.c.farm.CAS, ds)
-	if err != nil {
-		return err
+	var total int64
+	for _, d := range ds {
+		total += d.Size()
+	}
+	missing := ds
+	if total > smallUpload {
+		var err error
+		if missing, err = findMissing(ctx, r.c.farm.CAS, ds); err != nil {
+			return err
+		}
 	}
 	if len(missing) == 0 {
 		return nil
