@@ -143,7 +143,8 @@ func (s *disk) path(d digest.Digest) string {
 	return filepath.Join(s.dir, d.Function().String(), h[:2], h+"-"+strconv.FormatInt(d.Size(), 10))
 }
 
-// open creates the directory layout, takes the lock, removes leftovers of
+// open creates the directory layout (shard directories are created as
+// files need them), takes the lock, removes leftovers of
 // interrupted writes and loads the index.
 func (s *disk) open() error {
 	if err := os.MkdirAll(s.dir, 0o755); err != nil {
@@ -177,11 +178,22 @@ func (s *disk) open() error {
 	}
 	var items []item
 	for _, fn := range digest.Functions {
+		// Shard directories are created by the first blob file they
+		// hold (putFile), so a store of small blobs has few.
+		fnDir := filepath.Join(s.dir, fn.String())
+		present, err := os.ReadDir(fnDir)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("disk store: %w", err)
+		}
+		shards := make(map[string]bool, len(present))
+		for _, e := range present {
+			shards[e.Name()] = e.IsDir()
+		}
 		for i := 0; i < 256; i++ {
-			shard := filepath.Join(s.dir, fn.String(), fmt.Sprintf("%02x", i))
-			if err := os.MkdirAll(shard, 0o755); err != nil {
-				return fmt.Errorf("disk store: %w", err)
+			if !shards[fmt.Sprintf("%02x", i)] {
+				continue
 			}
+			shard := filepath.Join(fnDir, fmt.Sprintf("%02x", i))
 			ents, err := os.ReadDir(shard)
 			if err != nil {
 				return fmt.Errorf("disk store: %w", err)
@@ -749,7 +761,14 @@ func (s *disk) putFile(d digest.Digest, r io.Reader) error {
 	dst := s.path(d)
 	st := s.stripe(d)
 	st.Lock()
-	if err := os.Rename(tmp, dst); err != nil {
+	err = os.Rename(tmp, dst)
+	if errors.Is(err, fs.ErrNotExist) {
+		// The first file of its shard.
+		if err = s.mkShard(filepath.Dir(dst)); err == nil {
+			err = os.Rename(tmp, dst)
+		}
+	}
+	if err != nil {
 		st.Unlock()
 		os.Remove(tmp)
 		return ioError(err, "write blob %s", d)
@@ -774,6 +793,22 @@ func (s *disk) putFile(d digest.Digest, r io.Reader) error {
 		}
 	}
 	return nil
+}
+
+// mkShard creates the shard directory dir, DIR/{function}/{hh}, and with
+// Fsync makes its entry (and its parent's) durable, so that a blob renamed
+// into it and synced is too.
+func (s *disk) mkShard(dir string) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	if !s.opts.Fsync {
+		return nil
+	}
+	if err := syncDir(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	return syncDir(s.dir)
 }
 
 // write copies the verified data into f, opened with O_DIRECT if direct,

@@ -260,6 +260,32 @@ func TestDiskReopen(t *testing.T) {
 	}
 }
 
+// TestDiskShardsOnDemand: a fresh store has no shard directories; the first
+// file of a shard creates it, and a reopened store finds the file.
+func TestDiskShardsOnDemand(t *testing.T) {
+	rng := blobstoretest.Rand(t)
+	dir := t.TempDir()
+	opts := blobstore.DiskOptions{MaxSize: 1 << 30, PackBelow: 64 << 10, Fsync: true}
+	ba := openDisk(t, blobstore.CAS, dir, opts)
+	for _, fn := range digest.Functions {
+		if ents, _ := os.ReadDir(filepath.Join(dir, fn.String())); len(ents) != 0 {
+			t.Fatalf("fresh store: %d entries in %s, want none", len(ents), fn)
+		}
+	}
+	small := blobstoretest.RandomBlob(rng, digest.BLAKE3, 100)
+	large := blobstoretest.RandomBlob(rng, digest.BLAKE3, 70000)
+	blobstoretest.MustPut(t, ba, small.Digest, small.Data)
+	blobstoretest.MustPut(t, ba, large.Digest, large.Data)
+	ents, err := os.ReadDir(filepath.Join(dir, "blake3"))
+	if err != nil || len(ents) != 1 || ents[0].Name() != large.Digest.Hex()[:2] {
+		t.Fatalf("after a packed and a file blob: shards %v, %v; want only %s", ents, err, large.Digest.Hex()[:2])
+	}
+	mustClose(t, ba)
+	ba = openDisk(t, blobstore.CAS, dir, opts)
+	blobstoretest.WantBlob(t, ba, small.Digest, small.Data)
+	blobstoretest.WantBlob(t, ba, large.Digest, large.Data)
+}
+
 func TestDiskLock(t *testing.T) {
 	dir := t.TempDir()
 	ba := openDisk(t, blobstore.CAS, dir, blobstore.DiskOptions{MaxSize: 1 << 20})
@@ -323,6 +349,9 @@ func TestDiskRecoveryRemovesTornAndForeignFiles(t *testing.T) {
 	}
 	// A torn write of a blob the store never saw, too long rather than short.
 	never := blobstoretest.RandomBlob(rng, digest.SHA256, 100)
+	if err := os.MkdirAll(filepath.Dir(blobPath(dir, never.Digest)), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(blobPath(dir, never.Digest), append(never.Data, 0), 0o644); err != nil {
 		t.Fatal(err)
 	}
