@@ -163,6 +163,7 @@ type farmConn struct {
 func connect(ctx context.Context, f *buildFlags, log *slog.Logger) (*farmConn, error) {
 	fc := &farmConn{close: func() {}}
 	addr := f.farmAddr
+	var embedded *farm.Embedded
 	if addr == "" {
 		cfg := config.Default()
 		if f.cfgPath != "" {
@@ -190,6 +191,7 @@ func connect(ctx context.Context, f *buildFlags, log *slog.Logger) (*farmConn, e
 			}
 		}
 		addr = e.Addr
+		embedded = e
 	}
 	conn, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
@@ -205,6 +207,13 @@ func connect(ctx context.Context, f *buildFlags, log *slog.Logger) (*farmConn, e
 		CAS:       blobstore.NewGRPC(conn, "", blobstore.GRPCOptions{}),
 		Execution: repb.NewExecutionClient(conn),
 		Store:     pathinfo.NewClient(conn),
+	}
+	if embedded != nil {
+		// The embedded farm's CAS and path-info store are used in-process,
+		// as its executor uses the CAS: no loopback round trip (and its
+		// encoding) for the uploads, output reads and records of every
+		// action. Execution stays a gRPC stream.
+		fc.farm.CAS, fc.farm.Store = embedded.LocalStores()
 	}
 	return fc, nil
 }

@@ -19,13 +19,11 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/digest"
 	"tvixfarm/frontend/coordinator"
 	"tvixfarm/frontend/internal/nixtest"
 	"tvixfarm/frontend/nar"
 	"tvixfarm/frontend/nixstore"
-	"tvixfarm/frontend/pathinfo"
 	"tvixfarm/internal/config"
 	"tvixfarm/internal/farm"
 	storepb "tvixfarm/proto/tvixfarm/store/v1"
@@ -79,11 +77,10 @@ func startFarm(t *testing.T) *testFarm {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	f := coordinator.Farm{
-		CAS:       blobstore.NewGRPC(conn, "", blobstore.GRPCOptions{}),
-		Execution: repb.NewExecutionClient(conn),
-		Store:     pathinfo.NewClient(conn),
-	}
+	// As `tvixfarm build` does: the farm's stores in-process, Execution
+	// over gRPC (the gateway tests use a farm over gRPC only).
+	f := coordinator.Farm{Execution: repb.NewExecutionClient(conn)}
+	f.CAS, f.Store = e.LocalStores()
 	ctx := context.Background()
 	settings, err := nixstore.ReadSettings(ctx)
 	if err != nil {

@@ -8,6 +8,8 @@ import (
 	"sync"
 	"time"
 
+	"tvixfarm/cas/blobstore"
+	"tvixfarm/frontend/pathinfo"
 	"tvixfarm/internal/config"
 )
 
@@ -59,6 +61,15 @@ func StartEmbedded(cfg *config.Config, log *slog.Logger) (*Embedded, error) {
 
 // Farm returns the running farm.
 func (e *Embedded) Farm() *Farm { return e.f }
+
+// LocalStores returns the farm's own CAS and path-info store, for a client
+// in the same process (the coordinator of `tvixfarm build`): the stores
+// and checks its gRPC services use, without a loopback round trip. The CAS
+// has REAPI's always-present empty blob, as over gRPC
+// (blobstore.WithEmptyBlob).
+func (e *Embedded) LocalStores() (blobstore.BlobAccess, pathinfo.Store) {
+	return blobstore.WithEmptyBlob(e.f.stores.Default.CAS), e.f.paths
+}
 
 // Close stops the farm and waits for it to finish.
 // Closing it again returns the first Close's result.
