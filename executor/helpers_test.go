@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -40,12 +41,22 @@ func newEnv(t testing.TB, prewarm int) *testEnv {
 		skipOrFail(t, "the sandbox needs root")
 	}
 	dir := t.TempDir()
-	sb, err := sandbox.NewRunc(sandbox.RuncOptions{Dir: dir + "/sandbox", Prewarm: prewarm, Defaults: sandbox.Limits{Pids: 4096}})
+	sb, err := sandbox.NewRunc(sandbox.RuncOptions{Dir: dir + "/sandbox", Prewarm: prewarm, Reuse: testReuse(), Defaults: sandbox.Limits{Pids: 4096}})
 	if err != nil {
 		skipOrFail(t, err.Error())
 	}
 	t.Cleanup(func() { sb.Close() })
 	return newEnvWith(t, dir, sb)
+}
+
+// testReuse is RuncOptions.Reuse for the tests: TVIXFARM_TEST_REUSE, or
+// 100 as in the farm (internal/farm.DefaultReuse); 1 tests a container
+// per command.
+func testReuse() int {
+	if n, err := strconv.Atoi(os.Getenv("TVIXFARM_TEST_REUSE")); err == nil {
+		return n
+	}
+	return 100
 }
 
 // newEnvWith starts an executor on sb; Nix actions get their store paths

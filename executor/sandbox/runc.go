@@ -57,6 +57,11 @@ type RuncOptions struct {
 	// Seed are the shapes to prepare before the first action arrives; the
 	// pool then follows the shapes of the actions that run.
 	Seed []Shape
+	// Reuse is how many commands one sandbox of a Nix action (the Chroot
+	// layout, without the host's network) runs before it is destroyed,
+	// each in new namespaces cloned by the sandbox's stub (reuse.go).
+	// 0 or 1: a new container for every command.
+	Reuse int
 	// Defaults are the limits of an action that asks for none.
 	Defaults Limits
 	// HostPaths are the host files and directories the HostRoot layout
@@ -480,6 +485,18 @@ type runcInstance struct {
 	waiting        bool   // Run reaps the process; else Release does
 	mounted        bool   // something may be mounted below dir
 	overlayDone    func() // called once the overlay is unmounted
+	lowerMounts    bool   // the overlay has a level of lower overlays
+
+	// A reusable sandbox (reuse.go) runs several commands.
+	reuse    bool
+	conn     *stubConn
+	uses     int      // commands started
+	broken   bool     // the last command's end was not reported: destroy
+	useFiles []string // the last command's captured streams
+	oomBase  int      // the cgroup's OOM kills before the command
+	stubPid  int      // the zygote, on the host
+	layers   []string // of the overlay, to mount it again in create
+	lastUse  bool     // the sandbox is not reused after this command
 }
 
 func newID() string {
@@ -511,7 +528,7 @@ func (b *Runc) freeUID(uid int) {
 }
 
 func (b *Runc) newInstance(s Shape) (*runcInstance, error) {
-	in := &runcInstance{b: b, id: newID(), shape: s, uid: UID, gid: GID}
+	in := &runcInstance{b: b, id: newID(), shape: s, uid: UID, gid: GID, reuse: b.reusable(s)}
 	if s.Layout == Chroot {
 		uid, err := b.allocUID()
 		if err != nil {
@@ -568,6 +585,8 @@ func (in *runcInstance) Overlay(layers []string, done func()) error {
 		done = func() {}
 	}
 	in.overlayDone = done
+	in.lowerMounts = len(layers) > maxLayers
+	in.layers = layers
 	return overlay(filepath.Join(in.root, in.shape.Overlay), in.dir, layers)
 }
 
@@ -576,12 +595,37 @@ func (in *runcInstance) Overlay(layers []string, done func()) error {
 func (in *runcInstance) create() (err error) {
 	t0 := time.Now()
 	in.b.created.Add(1)
+	if in.reuse && in.overlayDone != nil && in.lowerMounts {
+		in.lastUse = true // see below; stacked overlays are not reused anyway
+	} else if in.reuse && in.overlayDone != nil {
+		// The container's mounts would hold copies of the overlay that
+		// unmounting it on the host later does not remove; it is mounted
+		// again once the container exists, and then propagates.
+		target := filepath.Join(in.root, in.shape.Overlay)
+		var st unix.Stat_t
+		if err := unix.Stat(target, &st); err != nil {
+			return fmt.Errorf("sandbox: %w", err)
+		}
+		if err := in.unmountOverlay(); err != nil {
+			return err
+		}
+		defer func() {
+			if err == nil {
+				err = overlay(target, in.dir, in.layers)
+			}
+			if err == nil {
+				// The caller may have set the owner and mode of the
+				// overlay's root already.
+				err = errors.Join(os.Chown(target, int(st.Uid), int(st.Gid)), unix.Chmod(target, st.Mode&0o7777))
+			}
+		}()
+	}
 	if in.shape.Layout == Chroot {
 		// runc gives a tmpfs the mode of its mountpoint.
 		if err := os.MkdirAll(filepath.Join(in.root, "tmp"), 0o755); err != nil {
 			return fmt.Errorf("sandbox: %w", err)
 		}
-		if err := os.Chmod(filepath.Join(in.root, "tmp"), 0o1777); err != nil {
+		if err := os.Chmod(filepath.Join(in.root, "tmp"), os.ModeSticky|0o777); err != nil {
 			return fmt.Errorf("sandbox: %w", err)
 		}
 		if in.shape.Network == NetworkHost {
@@ -625,7 +669,11 @@ func (in *runcInstance) create() (err error) {
 	in.ctl = fc.(*net.UnixConn)
 	nnp := true
 	env := []string{stubEnv + "=1"}
-	if in.shape.Layout == Chroot {
+	switch {
+	case in.reuse:
+		env = append(env, fmt.Sprintf("%s=%d:%d", stubReuseEnv, UID, GID))
+		in.conn = &stubConn{in: in}
+	case in.shape.Layout == Chroot:
 		env = append(env, fmt.Sprintf("%s=%d:%d", stubUsernsEnv, UID, GID))
 	}
 	in.proc = &libcontainer.Process{
@@ -649,6 +697,9 @@ func (in *runcInstance) create() (err error) {
 		if p := st.CgroupPaths["memory"]; p != "" {
 			in.memCgroup = p
 		}
+	}
+	if pid, err := in.proc.Pid(); err == nil {
+		in.stubPid = pid
 	}
 	in.ctl.SetReadDeadline(time.Now().Add(30 * time.Second))
 	var ready [1]byte
@@ -701,14 +752,6 @@ func (in *runcInstance) Run(ctx context.Context, cmd *Command) (*Result, error) 
 			return nil, err
 		}
 	}
-	res := &Result{Warm: in.warm, Stdout: in.stdout.Name(), Stderr: in.stderr.Name()}
-	if !in.warm {
-		res.Timings.Create = in.createTime
-	}
-	t0 := time.Now()
-	if err := in.setLimits(); err != nil {
-		return nil, err
-	}
 	dir := "/" + cmd.Dir
 	if in.shape.Layout == HostRoot {
 		dir = InputRootPath + "/" + cmd.Dir
@@ -720,6 +763,17 @@ func (in *runcInstance) Run(ctx context.Context, cmd *Command) (*Result, error) 
 	msg := encodeStubRequest(stubRequest{Path: cmd.Args[0], Args: args, Env: cmd.Env, Dir: path.Clean(dir), PTY: cmd.PTY})
 	if len(msg)-4 > maxStubRequest {
 		return nil, fmt.Errorf("sandbox: command and environment too large (%d bytes)", len(msg)-4)
+	}
+	if in.reuse {
+		return in.runReused(ctx, cmd, msg)
+	}
+	res := &Result{Warm: in.warm, Stdout: in.stdout.Name(), Stderr: in.stderr.Name()}
+	if !in.warm {
+		res.Timings.Create = in.createTime
+	}
+	t0 := time.Now()
+	if err := in.setLimits(); err != nil {
+		return nil, err
 	}
 	if _, err := in.ctl.Write(msg); err != nil {
 		return nil, fmt.Errorf("sandbox: send command to stub: %w", err)
@@ -872,31 +926,55 @@ func resources(l, def Limits) limitValues {
 	return v
 }
 
-// oomKilled reads the cgroup's OOM kill counter (memory.failcnt stays 0
+// oomKilled reports whether the cgroup's OOM kill counter grew during
+// the command.
+func (in *runcInstance) oomKilled() bool { return in.oomCount() > in.oomBase }
+
+// oomCount reads the cgroup's OOM kill counter (memory.failcnt stays 0
 // on this kernel; oom_kill is reliable).
-func (in *runcInstance) oomKilled() bool {
+func (in *runcInstance) oomCount() int {
 	if in.memCgroup == "" {
-		return false
+		return 0
 	}
 	b, err := os.ReadFile(filepath.Join(in.memCgroup, "memory.oom_control"))
 	if err != nil {
 		b, err = os.ReadFile(filepath.Join(in.memCgroup, "memory.events"))
 		if err != nil {
-			return false
+			return 0
 		}
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
 			n, _ := strconv.Atoi(strings.TrimSpace(v))
-			return n > 0
+			return n
 		}
 	}
-	return false
+	return 0
 }
 
 // Release destroys the container and removes the directory in the
-// background; a prepared sandbox of the same shape takes its place.
-func (in *runcInstance) Release() { in.release(true) }
+// background; a prepared sandbox of the same shape takes its place. A
+// reusable sandbox is emptied and goes back to the pool instead.
+func (in *runcInstance) Release() {
+	if in.recycle() {
+		b := in.b
+		b.mu.Lock()
+		if !b.closed {
+			b.pool = append(b.pool, in)
+			var evict *runcInstance
+			if len(b.pool) > max(b.opts.Prewarm, 1) {
+				evict, b.pool = b.pool[0], b.pool[1:]
+			}
+			b.mu.Unlock()
+			if evict != nil {
+				evict.release(false)
+			}
+			return
+		}
+		b.mu.Unlock()
+	}
+	in.release(true)
+}
 
 // release destroys the sandbox and, if refill, prepares another of its
 // shape.
@@ -957,7 +1035,13 @@ func (b *Runc) spec(in *runcInstance) (*specs.Spec, error) {
 		{Destination: "/dev", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "strictatime", "mode=755", "size=65536k"}},
 		{Destination: "/dev/pts", Type: "devpts", Source: "devpts", Options: []string{"nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"}},
 		{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=50%"}},
-		{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777"}},
+	}
+	if in.reuse {
+		// As under Nix, /tmp is a directory of the root, emptied between
+		// commands.
+		mounts = append(mounts, specs.Mount{Destination: "/tmp", Type: "bind", Source: filepath.Join(in.root, "tmp"), Options: []string{"rbind", "rw", "nosuid", "nodev"}})
+	} else {
+		mounts = append(mounts, specs.Mount{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777"}})
 	}
 	rootPath, rootRO := in.root, true
 	inside := "/"
@@ -1009,6 +1093,16 @@ func (b *Runc) spec(in *runcInstance) (*specs.Spec, error) {
 	if lim.CpuQuota > 0 {
 		res.CPU = &specs.LinuxCPU{Quota: &lim.CpuQuota, Period: &lim.CpuPeriod}
 	}
+	masked := []string{"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+		"/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"}
+	readonly := []string{"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"}
+	if in.reuse {
+		// A new procfs can be mounted only where the container's is
+		// wholly visible: each command's own /proc gets these masks
+		// (tf_masked and tf_readonly in stubc.go). The zygote runs
+		// nothing of the build's.
+		masked, readonly = nil, nil
+	}
 	return &specs.Spec{
 		Version:  specs.Version,
 		Root:     &specs.Root{Path: rootPath, Readonly: rootRO},
@@ -1016,12 +1110,11 @@ func (b *Runc) spec(in *runcInstance) (*specs.Spec, error) {
 		Mounts:   mounts,
 		Process:  &specs.Process{Cwd: "/"},
 		Linux: &specs.Linux{
-			CgroupsPath: path.Join(b.opts.CgroupParent, in.id),
-			Resources:   res,
-			Namespaces:  ns,
-			MaskedPaths: []string{"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
-				"/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/sys/firmware", "/proc/scsi"},
-			ReadonlyPaths: []string{"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"},
+			CgroupsPath:   path.Join(b.opts.CgroupParent, in.id),
+			Resources:     res,
+			Namespaces:    ns,
+			MaskedPaths:   masked,
+			ReadonlyPaths: readonly,
 			Seccomp:       nixSeccomp(),
 		},
 	}, nil

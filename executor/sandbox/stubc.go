@@ -40,7 +40,11 @@ package sandbox
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <net/if.h>
 #include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -53,6 +57,10 @@ package sandbox
 #define TF_EXE_FD 3
 #define TF_CTL_FD 4
 #define TF_MAX_REQUEST (16 << 20)
+
+// tf_fail_fd is where tf_fail reports: the control socket, or in a
+// reusable sandbox's command process the pipe its zygote reads.
+static int tf_fail_fd = TF_CTL_FD;
 
 static void tf_write_all(int fd, const char *p, size_t n) {
 	while (n > 0) {
@@ -102,7 +110,7 @@ static void tf_fail(const char *fmt, ...) {
 		n = 0;
 	if (n > (int)sizeof buf - 2)
 		n = sizeof buf - 2;
-	tf_write_all(TF_CTL_FD, buf, (size_t)n + 1);
+	tf_write_all(tf_fail_fd, buf, (size_t)n + 1);
 	_exit(127);
 }
 
@@ -321,11 +329,285 @@ static void tf_pty(void) {
 	close(slave);
 }
 
+// A reusable sandbox (stubReuseEnv): the stub stays, as a zygote, and
+// runs each command in a process of its own, cloned into new user, mount,
+// pid, ipc, uts and network namespaces, as Nix's sandbox clones its
+// builder. The container (runc's namespaces, cgroup, seccomp filter,
+// read-only root, no capabilities, no_new_privs) is made once and serves
+// one command after another; what a command could leave behind is its
+// namespaces' and dies with them: its processes (the clone is pid 1 of
+// its pid namespace, so the kernel kills the rest when it exits), SysV
+// IPC, sockets, /proc and /dev/pts. The executor empties the writable
+// directories, /tmp and the container's /dev/shm between commands.
+//
+// Protocol on the control socket, after 'R' (ready):
+//
+//	executor → stub: uint32 length, request, with SCM_RIGHTS(stdout, stderr)
+//	stub → executor: 'P' + SCM_RIGHTS(master)   only for PTY requests
+//	stub → executor: 'S'                        the command was exec'ed, or
+//	                 'E' uint32 n, message      the command cannot start (exit 127), or
+//	                 'F' uint32 n, message      the sandbox failed
+//	stub → executor: 'X' uint32 wait status, uint64 user µs, system µs, max RSS KiB
+//	                                            (after 'S' or 'E')
+//	stub → executor: 'R'                        ready for the next command
+
+// tf_sbfail reports, from a command process of a reusable sandbox, that
+// the sandbox itself failed ('F'), and exits 126.
+static void tf_sbfail(const char *what) __attribute__((noreturn));
+static void tf_sbfail(const char *what) {
+	int e = errno;
+	char buf[512];
+	int n = snprintf(buf, sizeof buf, "F%s: %s", what, tf_errstr(e));
+	if (n > (int)sizeof buf - 1)
+		n = sizeof buf - 1;
+	if (n > 0)
+		tf_write_all(tf_fail_fd, buf, (size_t)n);
+	_exit(126);
+}
+
+static void tf_child_write(const char *path, const char *data) {
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		tf_sbfail(path);
+	size_t len = strlen(data);
+	if (write(fd, data, len) != (ssize_t)len)
+		tf_sbfail(path);
+	close(fd);
+}
+
+// The container's /proc is not masked (a new procfs can only be mounted
+// where an unmasked one is visible); each command's own /proc is, with
+// the lists of spec() in runc.go.
+static const char *tf_masked[] = {"/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+	"/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", NULL};
+static const char *tf_readonly[] = {"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger", NULL};
+
+static void tf_drop_caps(void) {
+	for (int c = 0; c < 64; c++) {
+		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+			tf_sbfail("drop the capability bounding set");
+	}
+	struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct data[2];
+	memset(data, 0, sizeof data);
+	if (syscall(SYS_capset, &hdr, data) < 0)
+		tf_sbfail("drop capabilities");
+}
+
+// tf_child sets up a command process's namespaces and execs the command.
+static void tf_child(const unsigned char *buf, size_t n, int out, int err, unsigned inUID, unsigned inGID, unsigned uid, unsigned gid) __attribute__((noreturn));
+static void tf_child(const unsigned char *buf, size_t n, int out, int err, unsigned inUID, unsigned inGID, unsigned uid, unsigned gid) {
+	char map[64];
+	tf_child_write("/proc/self/setgroups", "deny");
+	snprintf(map, sizeof map, "%u %u 1\n", inUID, uid);
+	tf_child_write("/proc/self/uid_map", map);
+	snprintf(map, sizeof map, "%u %u 1\n", inGID, gid);
+	tf_child_write("/proc/self/gid_map", map);
+	if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
+		tf_sbfail("make the mounts slaves");
+	if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0)
+		tf_sbfail("mount /proc");
+	for (const char **p = tf_masked; *p != NULL; p++) {
+		struct stat st;
+		if (stat(*p, &st) < 0)
+			continue;
+		if (S_ISDIR(st.st_mode)) {
+			if (mount("tmpfs", *p, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0") < 0)
+				tf_sbfail(*p);
+		} else if (mount("/dev/null", *p, NULL, MS_BIND, NULL) < 0) {
+			tf_sbfail(*p);
+		}
+	}
+	for (const char **p = tf_readonly; *p != NULL; p++) {
+		struct stat st;
+		if (stat(*p, &st) < 0)
+			continue;
+		if (mount(*p, *p, NULL, MS_BIND | MS_REC, NULL) < 0 ||
+		    mount(*p, *p, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) < 0)
+			tf_sbfail(*p);
+	}
+	if (mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620") < 0)
+		tf_sbfail("mount /dev/pts");
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		tf_sbfail("socket");
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	strcpy(ifr.ifr_name, "lo");
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		tf_sbfail("lo flags");
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		tf_sbfail("bring lo up");
+	close(s);
+	tf_drop_caps();
+
+	struct tf_req r;
+	tf_decode(buf, n, &r);
+	if (chdir(r.dir) < 0)
+		tf_fail("working directory %s: %s", r.dir, tf_errstr(errno));
+	setsid();
+	int null = open("/dev/null", O_RDONLY);
+	if (null < 0)
+		tf_fail("open /dev/null: %s", tf_errstr(errno));
+	dup2(null, 0);
+	close(null);
+	dup2(out, 1);
+	dup2(err, 2);
+	close(out);
+	close(err);
+	if (r.pty)
+		tf_pty();
+	char *prog = tf_lookpath(r.path, r.envp);
+	if (r.bad)
+		tf_fail("exec %s: %s", r.path, tf_errstr(EINVAL));
+	execve(prog, r.argv, r.envp);
+	tf_fail("exec %s: %s", r.path, tf_errstr(errno));
+}
+
+// tf_recv_len reads the 4-byte length of a request and the two file
+// descriptors sent with it; -1 at EOF or on error.
+static int tf_recv_len(unsigned char len[4], int fds[2]) {
+	union {
+		char buf[CMSG_SPACE(2 * sizeof(int))];
+		struct cmsghdr align;
+	} u;
+	size_t got = 0;
+	fds[0] = fds[1] = -1;
+	while (got < 4) {
+		struct iovec iov = {len + got, 4 - got};
+		struct msghdr msg = {0};
+		msg.msg_iov = &iov;
+		msg.msg_iovlen = 1;
+		msg.msg_control = u.buf;
+		msg.msg_controllen = sizeof u.buf;
+		ssize_t r = recvmsg(TF_CTL_FD, &msg, MSG_CMSG_CLOEXEC);
+		if (r < 0 && errno == EINTR)
+			continue;
+		if (r <= 0)
+			return -1;
+		for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm != NULL; cm = CMSG_NXTHDR(&msg, cm)) {
+			if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS) {
+				size_t k = (cm->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+				int *v = (int *)CMSG_DATA(cm);
+				for (size_t i = 0; i < k; i++) {
+					if (i < 2 && fds[i] < 0)
+						fds[i] = v[i];
+					else
+						close(v[i]);
+				}
+			}
+		}
+		got += (size_t)r;
+	}
+	return 0;
+}
+
+static void tf_send_framed(char tag, const char *p, size_t n) {
+	unsigned char h[5] = {(unsigned char)tag, (unsigned char)n, (unsigned char)(n >> 8), (unsigned char)(n >> 16), (unsigned char)(n >> 24)};
+	tf_write_all(TF_CTL_FD, (const char *)h, 5);
+	tf_write_all(TF_CTL_FD, p, n);
+}
+
+static void tf_put64(unsigned char *b, uint64_t v) {
+	for (int i = 0; i < 8; i++)
+		b[i] = (unsigned char)(v >> (8 * i));
+}
+
+static void tf_zygote(const char *ids) __attribute__((noreturn));
+static void tf_zygote(const char *ids) {
+	unsigned int inUID, inGID;
+	char extra;
+	if (sscanf(ids, "%u:%u%c", &inUID, &inGID, &extra) != 2) {
+		errno = EINVAL;
+		tf_early_fail("_TVIXFARM_SANDBOX_REUSE");
+	}
+	unsigned int uid = geteuid(), gid = getegid();
+	close(TF_EXE_FD);
+	fcntl(TF_CTL_FD, F_SETFD, FD_CLOEXEC);
+	for (;;) {
+		if (write(TF_CTL_FD, "R", 1) != 1)
+			_exit(126);
+		unsigned char len[4];
+		int fds[2];
+		if (tf_recv_len(len, fds) < 0)
+			_exit(0); // the executor closed the socket: the sandbox is being destroyed
+		uint32_t n = (uint32_t)len[0] | (uint32_t)len[1] << 8 | (uint32_t)len[2] << 16 | (uint32_t)len[3] << 24;
+		if (n > TF_MAX_REQUEST || fds[0] < 0 || fds[1] < 0)
+			_exit(126);
+		unsigned char *buf = malloc(n ? n : 1);
+		if (buf == NULL || tf_read_full(TF_CTL_FD, buf, n) < 0)
+			_exit(126);
+		int p[2];
+		if (pipe2(p, O_CLOEXEC) < 0)
+			_exit(126);
+		pid_t pid = (pid_t)syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWIPC | CLONE_NEWNET | CLONE_NEWUTS | SIGCHLD, 0, 0, 0, 0);
+		if (pid == 0) {
+			close(p[0]);
+			tf_fail_fd = p[1];
+			tf_child(buf, n, fds[0], fds[1], inUID, inGID, uid, gid);
+		}
+		int cloneErr = errno;
+		close(p[1]);
+		close(fds[0]);
+		close(fds[1]);
+		free(buf);
+		if (pid < 0) {
+			close(p[0]);
+			char m[256];
+			int k = snprintf(m, sizeof m, "clone the command's namespaces: %s", tf_errstr(cloneErr));
+			tf_send_framed('F', m, (size_t)k);
+			continue;
+		}
+		// The pipe closes when the command is exec'ed, or after the
+		// command process's report.
+		static char msg[4096];
+		size_t m = 0;
+		for (;;) {
+			char chunk[512];
+			ssize_t r = read(p[0], chunk, sizeof chunk);
+			if (r < 0 && errno == EINTR)
+				continue;
+			if (r <= 0)
+				break;
+			size_t c = (size_t)r;
+			if (c > sizeof msg - m)
+				c = sizeof msg - m;
+			memcpy(msg + m, chunk, c);
+			m += c;
+		}
+		close(p[0]);
+		if (m == 0)
+			tf_write_all(TF_CTL_FD, "S", 1);
+		else
+			tf_send_framed(msg[0] == 'F' ? 'F' : 'E', msg + 1, m - 1);
+		int st;
+		struct rusage ru;
+		while (wait4(pid, &st, 0, &ru) < 0) {
+			if (errno != EINTR)
+				_exit(126);
+		}
+		unsigned char x[29];
+		x[0] = 'X';
+		x[1] = (unsigned char)st;
+		x[2] = (unsigned char)(st >> 8);
+		x[3] = (unsigned char)(st >> 16);
+		x[4] = (unsigned char)(st >> 24);
+		tf_put64(x + 5, (uint64_t)ru.ru_utime.tv_sec * 1000000 + (uint64_t)ru.ru_utime.tv_usec);
+		tf_put64(x + 13, (uint64_t)ru.ru_stime.tv_sec * 1000000 + (uint64_t)ru.ru_stime.tv_usec);
+		tf_put64(x + 21, (uint64_t)ru.ru_maxrss);
+		tf_write_all(TF_CTL_FD, (const char *)x, sizeof x);
+	}
+}
+
 // glibc passes argc, argv and envp to constructors, in static binaries too.
 __attribute__((constructor)) static void tvixfarm_stub(int argc, char **argv, char **envp) {
 	const char *stub = getenv("_TVIXFARM_SANDBOX_STUB");
 	if (stub == NULL || strcmp(stub, "1") != 0 || argc < 2 || strcmp(argv[1], "sandbox-stub") != 0)
 		return;
+	const char *reuse = getenv("_TVIXFARM_SANDBOX_REUSE");
+	if (reuse != NULL)
+		tf_zygote(reuse);
 	const char *ids = getenv("_TVIXFARM_SANDBOX_USERNS");
 	if (ids != NULL)
 		tf_userns(ids);
@@ -371,3 +653,8 @@ import "C"
 // stub enter a user namespace in which its host uid and gid are UID and
 // GID.
 const stubUsernsEnv = "_TVIXFARM_SANDBOX_USERNS"
+
+// stubReuseEnv, set to "UID:GID" instead of stubUsernsEnv, makes the stub
+// a zygote that runs one command after another, each in new namespaces
+// with a user namespace in which it is UID and GID (see tf_zygote).
+const stubReuseEnv = "_TVIXFARM_SANDBOX_REUSE"

@@ -55,23 +55,43 @@ func newTrash(ctx context.Context, dir string, log *slog.Logger, wg *sync.WaitGr
 	return t, nil
 }
 
+// name is a new name in the trash for p.
+func (t *trash) name(p string) string {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.n++
+	return filepath.Join(t.dir, fmt.Sprintf("%s.%d", filepath.Base(p), t.n))
+}
+
+// move moves p into the trash and schedules its removal. Unlike put, it
+// fails if p cannot be moved: then p is still there.
+func (t *trash) move(p string) error {
+	dst := t.name(p)
+	if err := os.Rename(p, dst); err != nil {
+		return fmt.Errorf("sandbox: %w", err)
+	}
+	t.queue(dst)
+	return nil
+}
+
+func (t *trash) queue(dst string) {
+	select {
+	case t.ch <- dst:
+	default:
+		t.remove(dst) // the queue is full: remove on the caller's time
+	}
+}
+
 // put moves p into the trash and schedules its removal.
 func (t *trash) put(p string) {
-	t.mu.Lock()
-	t.n++
-	dst := filepath.Join(t.dir, fmt.Sprintf("%s.%d", filepath.Base(p), t.n))
-	t.mu.Unlock()
+	dst := t.name(p)
 	if err := os.Rename(p, dst); err != nil {
 		if os.IsNotExist(err) {
 			return
 		}
 		dst = p
 	}
-	select {
-	case t.ch <- dst:
-	default:
-		t.remove(dst) // the queue is full: remove on the caller's time
-	}
+	t.queue(dst)
 }
 
 func (t *trash) remove(p string) {

@@ -65,6 +65,10 @@ type Executor struct {
 	// Prewarm is how many sandboxes are prepared ahead of time (default:
 	// slots; 0 disables).
 	Prewarm *int `yaml:"prewarm"`
+	// Reuse is how many Nix builds one sandbox runs, one after another,
+	// each cloned into new namespaces by the sandbox's stub (default
+	// 100; 1: a new container for every build).
+	Reuse *int `yaml:"reuse"`
 	// DefaultTimeout applies to actions without one (default 3h);
 	// MaxTimeout caps what actions may ask (default 24h).
 	DefaultTimeout Duration `yaml:"default_timeout"`
@@ -613,6 +617,8 @@ func (e *Executor) validate() error {
 		return errors.New("executor.slots: must not be negative")
 	case e.Prewarm != nil && *e.Prewarm < 0:
 		return errors.New("executor.prewarm: must not be negative")
+	case e.Reuse != nil && *e.Reuse < 1:
+		return errors.New("executor.reuse: must be at least 1")
 	case e.DefaultTimeout < 0:
 		return errors.New("executor.default_timeout: must not be negative")
 	case e.MaxTimeout < 0:

@@ -21,6 +21,9 @@ type closerFunc func() error
 
 func (f closerFunc) Close() error { return f() }
 
+// DefaultReuse is executor.reuse when the configuration does not set it.
+const DefaultReuse = 100
+
 // NewExecutor builds the executor role from its configuration: the sandbox
 // backend (runc by default, in dataDir/executor/sandbox), the input cache
 // (dataDir/executor/cache, on the same file system so inputs are
@@ -39,9 +42,14 @@ func (f *Farm) newExecutor(cfg config.Executor, dataDir string, cas blobstore.Bl
 		if cfg.Prewarm != nil {
 			prewarm = *cfg.Prewarm
 		}
+		reuse := DefaultReuse
+		if cfg.Reuse != nil {
+			reuse = *cfg.Reuse
+		}
 		r, err := sandbox.NewRunc(sandbox.RuncOptions{
 			Dir:     filepath.Join(dir, "sandbox"),
 			Prewarm: prewarm,
+			Reuse:   reuse,
 			// Nix builds run in /build and write to /nix/store, which is an
 			// overlay of their store paths.
 			Seed:      []sandbox.Shape{{Layout: sandbox.Chroot, Writable: []string{"build", "nix/store"}, Overlay: "nix/store"}},
