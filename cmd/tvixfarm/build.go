@@ -9,7 +9,6 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime/debug"
 	"slices"
 	"strconv"
 	"strings"
@@ -153,9 +152,6 @@ func parseBuildFlags(args []string) (*buildFlags, error) {
 
 var errHelp = errors.New("help")
 
-// embeddedGCPercent is the GOGC of `tvixfarm build` with an embedded farm.
-const embeddedGCPercent = 400
-
 // farmConn is a connection to a farm, embedded or remote.
 type farmConn struct {
 	farm  coordinator.Farm
@@ -233,14 +229,6 @@ func build(args []string) error {
 	}
 	if len(f.paths) == 0 {
 		f.paths = []string{"./default.nix"}
-	}
-	if f.farmAddr == "" && os.Getenv("GOGC") == "" {
-		// The embedded farm allocates for every action (gRPC, raft,
-		// records) over a small live heap (~15 MB for the wide graph),
-		// so at the default GOGC of 100 it collected a dozen times per
-		// 200 actions, ~1 ms of CPU per action. A build is short-lived:
-		// let the heap grow to 5x what is live instead. GOGC overrides.
-		debug.SetGCPercent(embeddedGCPercent)
 	}
 	level := slog.LevelWarn
 	if f.verbose == 1 {
