@@ -35,6 +35,10 @@ import (
 //	stub → executor: 'P' + SCM_RIGHTS(master)  only for PTY requests
 //	stub → executor: 'E' + message             when the command cannot start
 //	EOF                                        the command was exec'ed
+//
+// A reusable sandbox's stub (reuse.go) speaks the zygote protocol of
+// tf_zygote in stubc.go instead: it stays, and clones each command into
+// new namespaces.
 const (
 	stubEnv   = "_TVIXFARM_SANDBOX_STUB"
 	stubExeFd = 3
