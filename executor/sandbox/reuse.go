@@ -296,7 +296,7 @@ func (in *runcInstance) runReused(ctx context.Context, cmd *Command, msg []byte)
 // released), what the command could write is moved to the trash, and the
 // zygote must have said it is ready.
 func (in *runcInstance) recycle() bool {
-	if !in.reuse || in.broken || in.lastUse || in.c == nil || in.conn == nil || in.uses >= in.b.opts.Reuse {
+	if !in.reuse || in.broken || in.c == nil || in.conn == nil || in.uses >= in.b.opts.Reuse {
 		return false
 	}
 	if err := in.reset(); err != nil {
@@ -350,21 +350,18 @@ func (in *runcInstance) unmountOverlay() error {
 	if err := unix.Unmount(filepath.Join(in.root, in.shape.Overlay), unix.MNT_DETACH); err != nil {
 		return fmt.Errorf("unmount the overlay: %w", err)
 	}
-	if in.lowerMounts {
-		if err := unmountUnder(in.dir); err != nil {
-			return err
-		}
-		// unmountUnder also detached the shared bind of the overlay
-		// directory, which the container's copy follows.
-		in.lastUse = true
-		return errors.New("overlay of more than one level: not reused")
-	}
 	ents, err := os.ReadDir(in.dir)
 	if err != nil {
 		return err
 	}
 	for _, e := range ents {
 		n := e.Name()
+		if in.lowerMounts && strings.HasPrefix(n, "lower-") {
+			// The overlays of more than maxLayers layers under the top one.
+			if err := unix.Unmount(filepath.Join(in.dir, n), unix.MNT_DETACH); err != nil {
+				return fmt.Errorf("unmount the overlay's %s: %w", n, err)
+			}
+		}
 		if n == "upper" || n == "work" || n == "empty" || strings.HasPrefix(n, "lower-") {
 			if err := in.b.trash.move(filepath.Join(in.dir, n)); err != nil {
 				return err

@@ -496,7 +496,6 @@ type runcInstance struct {
 	oomBase  int      // the cgroup's OOM kills before the command
 	stubPid  int      // the zygote, on the host
 	layers   []string // of the overlay, to mount it again in create
-	lastUse  bool     // the sandbox is not reused after this command
 }
 
 func newID() string {
@@ -595,9 +594,7 @@ func (in *runcInstance) Overlay(layers []string, done func()) error {
 func (in *runcInstance) create() (err error) {
 	t0 := time.Now()
 	in.b.created.Add(1)
-	if in.reuse && in.overlayDone != nil && in.lowerMounts {
-		in.lastUse = true // see below; stacked overlays are not reused anyway
-	} else if in.reuse && in.overlayDone != nil {
+	if in.reuse && in.overlayDone != nil {
 		// The container's mounts would hold copies of the overlay that
 		// unmounting it on the host later does not remove; it is mounted
 		// again once the container exists, and then propagates.
