@@ -142,22 +142,25 @@ func (in *runcInstance) runReused(ctx context.Context, cmd *Command, msg []byte)
 	if err := os.Chmod(tmp, os.ModeSticky|0o777); err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
-	out, err := os.OpenFile(filepath.Join(in.dir, fmt.Sprintf("stdout.%d", in.uses)), os.O_CREATE|os.O_EXCL|os.O_WRONLY|os.O_APPEND, 0o600)
+	// The command's own captured streams, which reset removes.
+	open := func(name string) (*os.File, error) {
+		f, err := os.OpenFile(filepath.Join(in.dir, fmt.Sprintf("%s.%d", name, in.uses)), os.O_CREATE|os.O_EXCL|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			return nil, fmt.Errorf("sandbox: %w", err)
+		}
+		in.useFiles = append(in.useFiles, f.Name())
+		return f, nil
+	}
+	out, err := open("stdout")
 	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
+		return nil, err
 	}
 	defer out.Close()
-	errf, err := os.OpenFile(filepath.Join(in.dir, fmt.Sprintf("stderr.%d", in.uses)), os.O_CREATE|os.O_EXCL|os.O_WRONLY|os.O_APPEND, 0o600)
+	errf, err := open("stderr")
 	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
-	}
-	errf.Close()
-	errf, err = os.OpenFile(errf.Name(), os.O_WRONLY|os.O_APPEND, 0)
-	if err != nil {
-		return nil, fmt.Errorf("sandbox: %w", err)
+		return nil, err
 	}
 	defer errf.Close()
-	in.useFiles = append(in.useFiles, out.Name(), errf.Name())
 	res.Stdout, res.Stderr = out.Name(), errf.Name()
 
 	c := in.conn // its 'R' was read by create, or by reset
