@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -102,8 +103,11 @@ type disk struct {
 	appendMu    sync.Mutex
 	appendQueue []*pendingRecord
 	appending   bool
-	// indexers are the goroutines writing indexes of sealed packs.
+	// indexers are the goroutines writing indexes of sealed packs, and
+	// the one creating shard directories (mkShards), which stops once
+	// closing is set.
 	indexers sync.WaitGroup
+	closing  atomic.Bool
 
 	mu    sync.Mutex
 	index map[digest.Digest]*diskEntry
@@ -127,6 +131,7 @@ type diskEntry struct {
 
 // Close releases the lock on the directory and closes the packs.
 func (s *disk) Close() error {
+	s.closing.Store(true)
 	s.indexers.Wait()
 	s.mu.Lock()
 	for _, p := range s.packs {
@@ -178,8 +183,9 @@ func (s *disk) open() error {
 	}
 	var items []item
 	for _, fn := range digest.Functions {
-		// Shard directories are created by the first blob file they
-		// hold (putFile), so a store of small blobs has few.
+		// Shard directories may be missing: they are created in the
+		// background after opening, and by the first blob file they
+		// hold (putFile).
 		fnDir := filepath.Join(s.dir, fn.String())
 		present, err := os.ReadDir(fnDir)
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -301,7 +307,29 @@ func (s *disk) open() error {
 			s.writeIndex(p, size, recs)
 		}(p, p.size, p.recs)
 	}
+	if !s.opts.Fsync {
+		// Create the missing shard directories off the caller's path
+		// (putFile also creates its own on demand): 512 mkdirs would
+		// otherwise delay the store's opening, or, left all to putFile,
+		// the first blob files.
+		s.indexers.Add(1)
+		go func() {
+			defer s.indexers.Done()
+			s.mkShards()
+		}()
+	}
 	return nil
+}
+
+// mkShards creates the shard directories that do not exist yet.
+func (s *disk) mkShards() {
+	for _, fn := range digest.Functions {
+		for i := 0; i < 256 && !s.closing.Load(); i++ {
+			if err := s.mkShard(filepath.Join(s.dir, fn.String(), fmt.Sprintf("%02x", i))); err != nil {
+				return // putFile reports it, if it matters
+			}
+		}
+	}
 }
 
 // removeStaleIndexes removes pack indexes whose pack is gone and
