@@ -188,3 +188,14 @@ func TestReuseOverlay(t *testing.T) {
 		}
 	}
 }
+
+func TestNested(t *testing.T) {
+	for _, c := range []struct {
+		a, b string
+		want bool
+	}{{"/tmp/x", "/tmp/x/data/state", true}, {"/tmp/x/data/state", "/tmp/x", true}, {"/tmp/x", "/tmp/xy/state", false}, {"/work/bin", "/work/.demo-data/state", false}, {"/", "/var", true}} {
+		if got := nested(c.a, c.b); got != c.want {
+			t.Errorf("nested(%q, %q) = %v", c.a, c.b, got)
+		}
+	}
+}

@@ -44,7 +44,10 @@ type RuncOptions struct {
 	// It must be on the same file system as the executor's file cache,
 	// so that inputs can be hardlinked.
 	Dir string
-	// StateDir is libcontainer's state root (default Dir/state).
+	// StateDir is libcontainer's state root (default Dir/state, or a
+	// directory under /run/tvixfarm when Dir/state would be in the
+	// directory of this binary, where libcontainer could not seal its
+	// copy of the binary cheaply).
 	StateDir string
 	// CgroupParent is the cgroup, relative to the executor's own, under
 	// which each sandbox gets its own. It must be this backend's alone:
@@ -162,7 +165,8 @@ func NewRunc(opts RuncOptions) (*Runc, error) {
 	if opts.Dir == "" {
 		return nil, errors.New("sandbox directory not set")
 	}
-	if opts.StateDir == "" {
+	defaultState := opts.StateDir == ""
+	if defaultState {
 		opts.StateDir = filepath.Join(opts.Dir, "state")
 	}
 	if opts.CgroupParent == "" {
@@ -191,6 +195,14 @@ func NewRunc(opts RuncOptions) (*Runc, error) {
 	}
 	if err := checkStatic(exe); err != nil {
 		return nil, err
+	}
+	if defaultState && nested(filepath.Dir(exe), opts.StateDir) {
+		// libcontainer seals its copy of this binary for runc's init with
+		// an overlay of the binary's directory and the state directory;
+		// overlayfs refuses nested lowerdirs, and libcontainer then copies
+		// the whole binary for every container instead.
+		sum := sha256.Sum256([]byte(opts.StateDir))
+		opts.StateDir = filepath.Join("/run/tvixfarm", "state-"+hex.EncodeToString(sum[:6]))
 	}
 	b := &Runc{
 		opts:     opts,
@@ -259,6 +271,16 @@ func checkStatic(exe string) error {
 // kills everything under the parent, so executors that share a host (a
 // local cluster, parallel tests) must not share it; a restarted executor
 // (the same dir) finds its own.
+// nested reports whether one of the directories a and b is in the other.
+func nested(a, b string) bool {
+	a, errA := filepath.Abs(a)
+	b, errB := filepath.Abs(b)
+	if errA != nil || errB != nil {
+		return false
+	}
+	return within(strings.TrimPrefix(b, "/"), strings.TrimPrefix(a, "/")) || within(strings.TrimPrefix(a, "/"), strings.TrimPrefix(b, "/"))
+}
+
 func defaultCgroupParent(dir string) (string, error) {
 	abs, err := filepath.Abs(dir)
 	if err != nil {
