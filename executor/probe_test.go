@@ -132,6 +132,15 @@ echo setgroups=$(cat /proc/self/setgroups); awk '{print "uid_map=" $1, $2, $3}' 
 				t.Errorf("want %s:\n%s", wantPwd, out)
 			}
 			if kind == "reapi" {
+				if testReuse() > 1 {
+					// A reused sandbox runs each command in a user
+					// namespace that maps only host uid 1000 and gid
+					// 100, to themselves.
+					if !hasLine(out, "setgroups=deny") || !hasLine(out, "uid_map=1000 1000 1") || !hasLine(out, "gid_map=100 100 1") || !hasLine(out, "Groups:") {
+						t.Errorf("a plain REAPI action in a reused sandbox is not host uid 1000 and gid 100 alone:\n%s", out)
+					}
+					return
+				}
 				// No user namespace: host uid 1000 and gid 100.
 				if !hasLine(out, "setgroups=allow") || !hasLine(out, "uid_map=0 0 4294967295") {
 					t.Errorf("a plain REAPI action has a user namespace:\n%s", out)

@@ -28,13 +28,25 @@ import (
 // upper layer) and unmounts the overlay; what else a command could leave
 // behind lives in its namespaces and dies with them.
 //
-// Only the Chroot layout without the host's network is reused: those are
-// Nix's builds, and their whole view of the system is the input root and
-// the namespaces the zygote makes.
+// Sandboxes with the host's network (fixed-output derivations) are never
+// reused, nor those whose whole input root is writable. A reused sandbox
+// of the HostRoot layout (plain REAPI actions) runs its commands in a user
+// namespace too, which maps only uid 1000 and gid 100 to themselves: the
+// host's files show as nobody's, the identity and privileges are those of
+// a sandbox made for the command.
 
 // reusable reports whether sandboxes of shape s can be reused.
 func (b *Runc) reusable(s Shape) bool {
-	return b.opts.Reuse > 1 && s.Layout == Chroot && s.Network != NetworkHost && !slices.Contains(s.Writable, "")
+	return b.opts.Reuse > 1 && s.Network != NetworkHost && !slices.Contains(s.Writable, "")
+}
+
+// tmpDir is the host directory of a reusable sandbox's /tmp: the root's
+// own in the Chroot layout, else one beside the input root.
+func (in *runcInstance) tmpDir() string {
+	if in.shape.Layout == Chroot {
+		return filepath.Join(in.root, "tmp")
+	}
+	return filepath.Join(in.dir, "tmp")
 }
 
 // stubConn reads the zygote's messages (see tf_zygote) from the control
@@ -135,7 +147,7 @@ func (in *runcInstance) runReused(ctx context.Context, cmd *Command, msg []byte)
 		return nil, err
 	}
 	in.oomBase = in.oomCount()
-	tmp := filepath.Join(in.root, "tmp")
+	tmp := in.tmpDir()
 	if err := os.Chown(tmp, 0, 0); err != nil {
 		return nil, fmt.Errorf("sandbox: %w", err)
 	}
@@ -325,6 +337,11 @@ func (in *runcInstance) reset() error {
 	if err := in.resetDir(""); err != nil {
 		return err
 	}
+	if in.shape.Layout != Chroot {
+		if err := in.empty(in.tmpDir()); err != nil {
+			return err
+		}
+	}
 	// The container's /dev/shm is shared by its commands (a tmpfs that
 	// runc mounted, as the host's root owns it under Nix).
 	shm := fmt.Sprintf("/proc/%d/root/dev/shm", in.stubPid)
@@ -380,7 +397,24 @@ func (in *runcInstance) unmountOverlay() error {
 // mountpoint moved away on the host would take the container's mount
 // with it.
 func (in *runcInstance) keptDirs() []string {
+	if in.shape.Layout != Chroot {
+		return in.shape.Writable // the root is the input root's mountpoint only
+	}
 	return append(append([]string(nil), in.shape.Writable...), "tmp", "dev", "proc")
+}
+
+// empty moves everything in dir to the trash.
+func (in *runcInstance) empty(dir string) error {
+	sub, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, s := range sub {
+		if err := in.b.trash.move(filepath.Join(dir, s.Name())); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // resetDir moves everything under the root's directory rel to the trash
@@ -405,14 +439,8 @@ func (in *runcInstance) resetDir(rel string) error {
 		p := filepath.Join(in.root, child)
 		switch {
 		case keep && e.IsDir():
-			sub, err := os.ReadDir(p)
-			if err != nil {
+			if err := in.empty(p); err != nil {
 				return err
-			}
-			for _, s := range sub {
-				if err := in.b.trash.move(filepath.Join(p, s.Name())); err != nil {
-					return err
-				}
 			}
 		case parent && e.IsDir():
 			if err := in.resetDir(child); err != nil {

@@ -199,3 +199,42 @@ func TestNested(t *testing.T) {
 		}
 	}
 }
+
+// TestReuseHostRoot reuses a sandbox of the HostRoot layout: each
+// command finds /tmp, its writable directory and the input root as a new
+// sandbox has them.
+func TestReuseHostRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("the runc sandbox needs root")
+	}
+	shape := Shape{Layout: HostRoot, Writable: []string{"out"}}
+	b, err := NewRunc(RuncOptions{Dir: t.TempDir(), Reuse: 10, Defaults: Limits{Pids: 1024}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	var first string
+	for i := 0; i < 3; i++ {
+		in, err := b.Acquire(context.Background(), shape)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id := in.(*runcInstance).id; i == 0 {
+			first = id
+		} else if id != first {
+			t.Errorf("run %d ran in sandbox %s, not %s", i, id, first)
+		}
+		os.WriteFile(filepath.Join(in.InputRoot(), fmt.Sprintf("in%d", i)), nil, 0o644)
+		os.Chown(filepath.Join(in.InputRoot(), "out"), UID, GID)
+		script := `echo $(ls -A /work | tr '\n' ' ') tmp=$(ls -A /tmp | wc -l) out=$(ls -A /work/out | wc -l) $(id -u):$(id -g) $(stat -c %a /tmp); touch /tmp/x /work/out/y`
+		res, err := in.Run(context.Background(), &Command{Args: []string{"/bin/sh", "-c", script}, Env: []string{"PATH=/usr/bin:/bin"}, Dir: ""})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := fmt.Sprintf("in%d out tmp=0 out=0 1000:100 1777\n", i)
+		if out := readOut(t, res.Stdout); out != want || res.ExitCode != 0 {
+			t.Errorf("run %d: exit %d, stdout %q (want %q), stderr %q", i, res.ExitCode, out, want, readOut(t, res.Stderr))
+		}
+		in.Release()
+	}
+}

@@ -639,6 +639,11 @@ func (in *runcInstance) create() (err error) {
 			}
 		}()
 	}
+	if in.reuse && in.shape.Layout == HostRoot {
+		if err := os.Mkdir(in.tmpDir(), 0o755); err != nil && !errors.Is(err, os.ErrExist) {
+			return fmt.Errorf("sandbox: %w", err)
+		}
+	}
 	if in.shape.Layout == Chroot {
 		// runc gives a tmpfs the mode of its mountpoint.
 		if err := os.MkdirAll(filepath.Join(in.root, "tmp"), 0o755); err != nil {
@@ -1056,9 +1061,9 @@ func (b *Runc) spec(in *runcInstance) (*specs.Spec, error) {
 		{Destination: "/dev/shm", Type: "tmpfs", Source: "shm", Options: []string{"nosuid", "noexec", "nodev", "mode=1777", "size=50%"}},
 	}
 	if in.reuse {
-		// As under Nix, /tmp is a directory of the root, emptied between
-		// commands.
-		mounts = append(mounts, specs.Mount{Destination: "/tmp", Type: "bind", Source: filepath.Join(in.root, "tmp"), Options: []string{"rbind", "rw", "nosuid", "nodev"}})
+		// A directory emptied between commands; in the Chroot layout, as
+		// under Nix, the root's own /tmp.
+		mounts = append(mounts, specs.Mount{Destination: "/tmp", Type: "bind", Source: in.tmpDir(), Options: []string{"rbind", "rw", "nosuid", "nodev"}})
 	} else {
 		mounts = append(mounts, specs.Mount{Destination: "/tmp", Type: "tmpfs", Source: "tmpfs", Options: []string{"nosuid", "nodev", "mode=1777"}})
 	}
