@@ -9,7 +9,6 @@ import (
 	"os"
 	"path"
 	"path/filepath"
-	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -29,7 +28,7 @@ import (
 // behind lives in its namespaces and dies with them.
 //
 // Sandboxes with the host's network (fixed-output derivations) are never
-// reused, nor those whose whole input root is writable. A reused sandbox
+// reused: their /etc files are mountpoints in the input root. A reused sandbox
 // of the HostRoot layout (plain REAPI actions) runs its commands in a user
 // namespace too, which maps only uid 1000 and gid 100 to themselves: the
 // host's files show as nobody's, the identity and privileges are those of
@@ -37,7 +36,7 @@ import (
 
 // reusable reports whether sandboxes of shape s can be reused.
 func (b *Runc) reusable(s Shape) bool {
-	return b.opts.Reuse > 1 && s.Network != NetworkHost && !slices.Contains(s.Writable, "")
+	return b.opts.Reuse > 1 && s.Network != NetworkHost
 }
 
 // tmpDir is the host directory of a reusable sandbox's /tmp: the root's

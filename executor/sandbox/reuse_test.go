@@ -207,12 +207,21 @@ func TestReuseHostRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("the runc sandbox needs root")
 	}
-	shape := Shape{Layout: HostRoot, Writable: []string{"out"}}
 	b, err := NewRunc(RuncOptions{Dir: t.TempDir(), Reuse: 10, Defaults: Limits{Pids: 1024}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer b.Close()
+	for _, w := range []string{"out", ""} {
+		t.Run("writable="+w, func(t *testing.T) { testReuseHostRoot(t, b, w) })
+	}
+}
+
+func testReuseHostRoot(t *testing.T, b *Runc, w string) {
+	shape := Shape{Layout: HostRoot, Writable: []string{w}}
+	if w == "" {
+		shape.Writable = []string{"", "out"}
+	}
 	var first string
 	for i := 0; i < 3; i++ {
 		in, err := b.Acquire(context.Background(), shape)
@@ -225,8 +234,10 @@ func TestReuseHostRoot(t *testing.T) {
 			t.Errorf("run %d ran in sandbox %s, not %s", i, id, first)
 		}
 		os.WriteFile(filepath.Join(in.InputRoot(), fmt.Sprintf("in%d", i)), nil, 0o644)
+		os.MkdirAll(filepath.Join(in.InputRoot(), "out"), 0o755)
 		os.Chown(filepath.Join(in.InputRoot(), "out"), UID, GID)
-		script := `echo $(ls -A /work | tr '\n' ' ') tmp=$(ls -A /tmp | wc -l) out=$(ls -A /work/out | wc -l) $(id -u):$(id -g) $(stat -c %a /tmp); touch /tmp/x /work/out/y`
+		os.Chown(in.InputRoot(), UID, GID)
+		script := `echo $(ls -A /work | tr '\n' ' ') tmp=$(ls -A /tmp | wc -l) out=$(ls -A /work/out | wc -l) $(id -u):$(id -g) $(stat -c %a /tmp); touch /tmp/x /work/out/y; touch /work/z 2>/dev/null; true`
 		res, err := in.Run(context.Background(), &Command{Args: []string{"/bin/sh", "-c", script}, Env: []string{"PATH=/usr/bin:/bin"}, Dir: ""})
 		if err != nil {
 			t.Fatal(err)
