@@ -280,14 +280,7 @@ func (in *runcInstance) runReused(ctx context.Context, cmd *Command, msg []byte)
 			if ptyDone != nil {
 				<-ptyDone
 			}
-			ws := syscall.WaitStatus(binary.LittleEndian.Uint32(ev.payload[0:4]))
-			switch {
-			case ws.Exited():
-				res.ExitCode = ws.ExitStatus()
-			case ws.Signaled():
-				res.Signal = int(ws.Signal())
-				res.ExitCode = 128 + res.Signal
-			}
+			res.setStatus(syscall.WaitStatus(binary.LittleEndian.Uint32(ev.payload[0:4])))
 			res.UserTime = time.Duration(binary.LittleEndian.Uint64(ev.payload[4:12])) * time.Microsecond
 			res.SystemTime = time.Duration(binary.LittleEndian.Uint64(ev.payload[12:20])) * time.Microsecond
 			res.MaxRSS = int64(binary.LittleEndian.Uint64(ev.payload[20:28])) * 1024

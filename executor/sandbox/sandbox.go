@@ -198,17 +198,23 @@ type Result struct {
 	Timings Timings
 }
 
+// setStatus records the exit code of a wait status (128+signal for a
+// killed process, as shells report it).
+func (r *Result) setStatus(ws syscall.WaitStatus) {
+	switch {
+	case ws.Exited():
+		r.ExitCode = ws.ExitStatus()
+	case ws.Signaled():
+		r.Signal = int(ws.Signal())
+		r.ExitCode = 128 + r.Signal
+	}
+}
+
 // setExit records how a reaped process ended: its exit code (128+signal
 // for a killed one, as shells report it) and its resource usage.
 func (r *Result) setExit(st *os.ProcessState) {
 	if ws, ok := st.Sys().(syscall.WaitStatus); ok {
-		switch {
-		case ws.Exited():
-			r.ExitCode = ws.ExitStatus()
-		case ws.Signaled():
-			r.Signal = int(ws.Signal())
-			r.ExitCode = 128 + r.Signal
-		}
+		r.setStatus(ws)
 	}
 	if ru, ok := st.SysUsage().(*syscall.Rusage); ok {
 		r.UserTime = time.Duration(ru.Utime.Nano())

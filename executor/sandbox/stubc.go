@@ -114,14 +114,42 @@ static void tf_fail(const char *fmt, ...) {
 	_exit(127);
 }
 
-static void tf_userns_write(const char *path, const char *data) {
+// tf_failfn reports a failure of the sandbox set-up and exits.
+typedef void (*tf_failfn)(const char *what);
+
+static void tf_write_file(const char *path, const char *data, tf_failfn fail) {
 	int fd = open(path, O_WRONLY | O_CLOEXEC);
 	if (fd < 0)
-		tf_early_fail(path);
+		fail(path);
 	size_t len = strlen(data);
 	if (write(fd, data, len) != (ssize_t)len)
-		tf_early_fail(path);
+		fail(path);
 	close(fd);
+}
+
+// tf_map_ids makes the calling process, just unshared or cloned into a
+// new user namespace, inUID and inGID there, mapped to its host uid and
+// gid, with setgroups denied.
+static void tf_map_ids(unsigned inUID, unsigned inGID, unsigned uid, unsigned gid, tf_failfn fail) {
+	char buf[64];
+	tf_write_file("/proc/self/setgroups", "deny", fail);
+	snprintf(buf, sizeof buf, "%u %u 1\n", inUID, uid);
+	tf_write_file("/proc/self/uid_map", buf, fail);
+	snprintf(buf, sizeof buf, "%u %u 1\n", inGID, gid);
+	tf_write_file("/proc/self/gid_map", buf, fail);
+}
+
+// tf_drop_caps drops every capability, the bounding set included.
+static void tf_drop_caps(tf_failfn fail) {
+	for (int c = 0; c < 64; c++) {
+		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
+			fail("drop the capability bounding set");
+	}
+	struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+	struct __user_cap_data_struct data[2];
+	memset(data, 0, sizeof data);
+	if (syscall(SYS_capset, &hdr, data) < 0)
+		fail("drop capabilities");
 }
 
 static void tf_userns(const char *ids) {
@@ -134,21 +162,8 @@ static void tf_userns(const char *ids) {
 	unsigned int uid = geteuid(), gid = getegid();
 	if (unshare(CLONE_NEWUSER) < 0)
 		tf_early_fail("unshare (are unprivileged user namespaces disabled on this host?)");
-	char buf[64];
-	tf_userns_write("/proc/self/setgroups", "deny");
-	snprintf(buf, sizeof buf, "%u %u 1\n", inUID, uid);
-	tf_userns_write("/proc/self/uid_map", buf);
-	snprintf(buf, sizeof buf, "%u %u 1\n", inGID, gid);
-	tf_userns_write("/proc/self/gid_map", buf);
-	for (int c = 0; c < 64; c++) {
-		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
-			tf_early_fail("drop the capability bounding set");
-	}
-	struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
-	struct __user_cap_data_struct data[2];
-	memset(data, 0, sizeof data);
-	if (syscall(SYS_capset, &hdr, data) < 0)
-		tf_early_fail("drop capabilities");
+	tf_map_ids(inUID, inGID, uid, gid, tf_early_fail);
+	tf_drop_caps(tf_early_fail);
 }
 
 // tf_read_full reads exactly n bytes; 0 on success.
@@ -365,16 +380,6 @@ static void tf_sbfail(const char *what) {
 	_exit(126);
 }
 
-static void tf_child_write(const char *path, const char *data) {
-	int fd = open(path, O_WRONLY | O_CLOEXEC);
-	if (fd < 0)
-		tf_sbfail(path);
-	size_t len = strlen(data);
-	if (write(fd, data, len) != (ssize_t)len)
-		tf_sbfail(path);
-	close(fd);
-}
-
 // The container's /proc is not masked (a new procfs can only be mounted
 // where an unmasked one is visible); each command's own /proc is, with
 // the lists of spec() in runc.go.
@@ -382,27 +387,10 @@ static const char *tf_masked[] = {"/proc/acpi", "/proc/asound", "/proc/kcore", "
 	"/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", NULL};
 static const char *tf_readonly[] = {"/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger", NULL};
 
-static void tf_drop_caps(void) {
-	for (int c = 0; c < 64; c++) {
-		if (prctl(PR_CAPBSET_DROP, c, 0, 0, 0) < 0 && errno != EINVAL)
-			tf_sbfail("drop the capability bounding set");
-	}
-	struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
-	struct __user_cap_data_struct data[2];
-	memset(data, 0, sizeof data);
-	if (syscall(SYS_capset, &hdr, data) < 0)
-		tf_sbfail("drop capabilities");
-}
-
 // tf_child sets up a command process's namespaces and execs the command.
 static void tf_child(const unsigned char *buf, size_t n, int out, int err, unsigned inUID, unsigned inGID, unsigned uid, unsigned gid) __attribute__((noreturn));
 static void tf_child(const unsigned char *buf, size_t n, int out, int err, unsigned inUID, unsigned inGID, unsigned uid, unsigned gid) {
-	char map[64];
-	tf_child_write("/proc/self/setgroups", "deny");
-	snprintf(map, sizeof map, "%u %u 1\n", inUID, uid);
-	tf_child_write("/proc/self/uid_map", map);
-	snprintf(map, sizeof map, "%u %u 1\n", inGID, gid);
-	tf_child_write("/proc/self/gid_map", map);
+	tf_map_ids(inUID, inGID, uid, gid, tf_sbfail);
 	if (mount(NULL, "/", NULL, MS_REC | MS_SLAVE, NULL) < 0)
 		tf_sbfail("make the mounts slaves");
 	if (mount("proc", "/proc", "proc", MS_NOSUID | MS_NOEXEC | MS_NODEV, NULL) < 0)
@@ -440,7 +428,7 @@ static void tf_child(const unsigned char *buf, size_t n, int out, int err, unsig
 	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
 		tf_sbfail("bring lo up");
 	close(s);
-	tf_drop_caps();
+	tf_drop_caps(tf_sbfail);
 
 	struct tf_req r;
 	tf_decode(buf, n, &r);
