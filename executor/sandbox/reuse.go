@@ -61,6 +61,7 @@ func (c *stubConn) fill() error {
 	var b [4096]byte
 	oob := make([]byte, unix.CmsgSpace(4*4))
 	n, oobn, _, _, err := c.in.ctl.ReadMsgUnix(b[:], oob)
+	n, oobn = max(n, 0), max(oobn, 0) // -1 with an error such as ECONNRESET
 	if oobn > 0 {
 		if msgs, perr := unix.ParseSocketControlMessage(oob[:oobn]); perr == nil {
 			for i := range msgs {

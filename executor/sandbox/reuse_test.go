@@ -3,11 +3,14 @@ package sandbox
 import (
 	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestReuse runs commands one after another in one reusable sandbox and
@@ -247,5 +250,31 @@ func testReuseHostRoot(t *testing.T, b *Runc, w string) {
 			t.Errorf("run %d: exit %d, stdout %q (want %q), stderr %q", i, res.ExitCode, out, want, readOut(t, res.Stderr))
 		}
 		in.Release()
+	}
+}
+
+// TestStubConnReset reads from a zygote that died with a message unread:
+// the read fails with ECONNRESET, which the reader reports as an error
+// rather than a panic (recvmsg's -1 is not a length).
+func TestStubConnReset(t *testing.T) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fds[0]), "ctl")
+	fc, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Close()
+	in := &runcInstance{ctl: fc.(*net.UnixConn)}
+	if _, err := in.ctl.Write([]byte("command the zygote never reads")); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fds[1]) // the zygote dies
+	c := &stubConn{in: in}
+	if _, _, _, err := c.next(); err == nil {
+		t.Fatal("next on a reset connection: no error")
 	}
 }
