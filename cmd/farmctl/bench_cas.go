@@ -271,7 +271,8 @@ func (b *casBench) bsWrite(size int64) (time.Duration, digest.Digest, error) {
 		if off == 0 {
 			req.ResourceName = name
 		}
-		if err := stream.Send(req); err != nil {
+		// Bulk: sent from data itself, which stays untouched until the RPC ends.
+		if err := stream.SendMsg(rpc.Bulk{Message: req}); err != nil {
 			if err == io.EOF {
 				break // the server ended the stream early; CloseAndRecv says why
 			}

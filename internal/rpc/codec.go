@@ -38,8 +38,11 @@ func message(v any) (proto.Message, error) {
 // Marshal encodes v into a pooled buffer (fully overwritten, so it needs no
 // zeroing).
 func (codec) Marshal(v any) (mem.BufferSlice, error) {
-	if f, ok := v.(*Frame); ok {
-		return mem.BufferSlice{mem.SliceBuffer(f.Data)}, nil
+	switch v := v.(type) {
+	case *Frame:
+		return mem.BufferSlice{mem.SliceBuffer(v.Data)}, nil
+	case Bulk:
+		return marshalBulk(v)
 	}
 	m, err := message(v)
 	if err != nil {
@@ -65,7 +68,8 @@ func (codec) Marshal(v any) (mem.BufferSlice, error) {
 }
 
 // Unmarshal decodes data into v. proto.Unmarshal copies what it keeps, so
-// the buffer goes back to the pool at once.
+// the buffer goes back to the pool at once. A message with a large bytes
+// field takes the bulk path (see Bulk), which copies that field once.
 func (codec) Unmarshal(data mem.BufferSlice, v any) error {
 	if f, ok := v.(*Frame); ok {
 		f.Data = data.Materialize()
@@ -74,6 +78,11 @@ func (codec) Unmarshal(data mem.BufferSlice, v any) error {
 	m, err := message(v)
 	if err != nil {
 		return err
+	}
+	if data.Len() >= bulkMin {
+		if err := unmarshalBulk(data, m); err != errNotBulk {
+			return err
+		}
 	}
 	buf := data.MaterializeToBuffer(pool)
 	defer buf.Free()
