@@ -172,11 +172,20 @@ type ChunkedReader interface {
 	ChunkedWriteTo()
 }
 
+// OwningWriter is a writer that can take a ChunkedReader's buffer instead
+// of copying it: WriteOwned writes p, which w may keep using after it
+// returns, and calls release at most once, when w no longer needs p. A
+// buffer w never releases is left to the garbage collector.
+type OwningWriter interface {
+	WriteOwned(p []byte, release func()) (int, error)
+}
+
 // ChunkedWriteTo marks directReader as a ChunkedReader.
 func (r *directReader) ChunkedWriteTo() {}
 
 // WriteTo writes the rest of the blob to w, one aligned buffer at a time,
-// reading the next buffer while w consumes the current one.
+// reading the next buffer while w consumes the current one. An
+// OwningWriter gets the buffers themselves.
 func (r *directReader) WriteTo(w io.Writer) (int64, error) {
 	if r.pos >= r.size {
 		return 0, nil
@@ -220,8 +229,16 @@ func (r *directReader) WriteTo(w io.Writer) (int64, error) {
 			return total, c.err
 		}
 		end := min(c.off+int64(c.n), r.size)
-		n, err := w.Write((*c.bp)[r.pos-c.off : end-c.off])
-		dioPool.Put(c.bp)
+		p := (*c.bp)[r.pos-c.off : end-c.off]
+		var n int
+		var err error
+		if ow, ok := w.(OwningWriter); ok {
+			bp := c.bp
+			n, err = ow.WriteOwned(p, func() { dioPool.Put(bp) })
+		} else {
+			n, err = w.Write(p)
+			dioPool.Put(c.bp)
+		}
 		r.pos += int64(n)
 		total += int64(n)
 		if err != nil {

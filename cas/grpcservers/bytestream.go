@@ -17,6 +17,7 @@ import (
 
 	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/digest"
+	"tvixfarm/internal/rpc"
 )
 
 // readChunkSize is the payload of each ReadResponse: large enough to keep
@@ -134,7 +135,8 @@ func (s *ByteStreamServer) Read(req *bspb.ReadRequest, stream bspb.ByteStream_Re
 		r = io.LimitReader(r, req.ReadLimit)
 	}
 	if cr, ok := r.(blobstore.ChunkedReader); ok {
-		// The store's buffers go out as messages; Send copies them.
+		// The store's buffers go out as messages, sent from the buffers
+		// themselves (sendWriter.WriteOwned).
 		_, err := cr.WriteTo(sendWriter{stream})
 		if err != nil {
 			return readError(d, err)
@@ -164,6 +166,15 @@ type sendWriter struct{ stream bspb.ByteStream_ReadServer }
 
 func (w sendWriter) Write(p []byte) (int, error) {
 	if err := w.stream.Send(&bspb.ReadResponse{Data: p}); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteOwned sends p as one ReadResponse without copying it; grpc-go
+// calls release once it has written p to the connection.
+func (w sendWriter) WriteOwned(p []byte, release func()) (int, error) {
+	if err := w.stream.SendMsg(rpc.Bulk{Message: &bspb.ReadResponse{Data: p}, Release: release}); err != nil {
 		return 0, err
 	}
 	return len(p), nil

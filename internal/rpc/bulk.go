@@ -2,6 +2,7 @@ package rpc
 
 import (
 	"errors"
+	"sync/atomic"
 
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/encoding/protowire"
@@ -19,7 +20,8 @@ import (
 //   - Unmarshal copies a large top-level bytes field straight from the
 //     frames into the message and decodes only the rest with proto.
 //   - Marshal of a message wrapped in Bulk sends its large bytes fields
-//     from the caller's memory.
+//     from the caller's memory, and can tell the caller when grpc-go is
+//     done with it (Bulk.Release).
 
 // bulkMin is the size from which a bytes field takes the bulk path.
 const bulkMin = 64 << 10
@@ -30,6 +32,26 @@ const bulkMin = 64 << 10
 // the RPC has ended (for a client stream: CloseAndRecv has returned).
 type Bulk struct {
 	proto.Message
+	// Release, if set, is called once the codec no longer needs the large
+	// fields' memory: when grpc-go has written them to the connection or
+	// dropped them. It is not called if SendMsg fails before it encodes
+	// the message; the memory is then left to the garbage collector.
+	Release func()
+}
+
+// releaser is the BufferPool of a Bulk message's large fields: grpc-go
+// puts each back when it has written it, and the last one calls Release.
+type releaser struct {
+	left    atomic.Int32
+	release func()
+}
+
+func (r *releaser) Get(n int) *[]byte { return pool.Get(n) }
+
+func (r *releaser) Put(*[]byte) {
+	if r.left.Add(-1) == 0 {
+		r.release()
+	}
 }
 
 // marshalBulk encodes b: the message without its large bytes fields,
@@ -44,7 +66,11 @@ func marshalBulk(b Bulk) (mem.BufferSlice, error) {
 		return true
 	})
 	if len(big) == 0 {
-		return codec{}.Marshal(b.Message)
+		s, err := codec{}.Marshal(b.Message)
+		if b.Release != nil {
+			b.Release() // copied, or failed
+		}
+		return s, err
 	}
 	rest := src.New()
 	src.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
@@ -56,14 +82,26 @@ func marshalBulk(b Bulk) (mem.BufferSlice, error) {
 	rest.SetUnknown(src.GetUnknown())
 	head, err := proto.MarshalOptions{}.Marshal(rest.Interface())
 	if err != nil {
+		if b.Release != nil {
+			b.Release()
+		}
 		return nil, err
+	}
+	var rel *releaser
+	if b.Release != nil {
+		rel = &releaser{release: b.Release}
+		rel.left.Store(int32(len(big)))
 	}
 	out := make(mem.BufferSlice, 0, 2*len(big))
 	for _, fd := range big {
 		data := src.Get(fd).Bytes()
 		head = protowire.AppendTag(head, fd.Number(), protowire.BytesType)
 		head = protowire.AppendVarint(head, uint64(len(data)))
-		out = append(out, mem.SliceBuffer(head), mem.SliceBuffer(data))
+		var buf mem.Buffer = mem.SliceBuffer(data)
+		if rel != nil {
+			buf = mem.NewBuffer(&data, rel) // len(data) >= bulkMin: a counted buffer
+		}
+		out = append(out, mem.SliceBuffer(head), buf)
 		head = nil
 	}
 	return out, nil

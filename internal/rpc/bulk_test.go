@@ -101,7 +101,7 @@ func TestBulkMarshal(t *testing.T) {
 		{ResourceName: "small", Data: []byte("tiny")},
 		{},
 	} {
-		s, err := (codec{}).Marshal(Bulk{m})
+		s, err := (codec{}).Marshal(Bulk{Message: m})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -120,6 +120,33 @@ func TestBulkMarshal(t *testing.T) {
 		}
 		if !proto.Equal(got, m) {
 			t.Errorf("round trip of %d data bytes changed the message", len(m.Data))
+		}
+	}
+}
+
+// TestBulkRelease checks that Release runs once grpc-go frees the encoded
+// message, and at once when nothing was sent from the message's memory.
+func TestBulkRelease(t *testing.T) {
+	big := make([]byte, 3*bulkMin)
+	for _, m := range []*bspb.ReadResponse{{Data: big}, {Data: []byte("small")}} {
+		released := 0
+		s, err := (codec{}).Marshal(Bulk{Message: m, Release: func() { released++ }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(m.Data) >= bulkMin {
+			if released != 0 {
+				t.Fatal("released before the encoded message was freed")
+			}
+			s.Ref() // the transport's reference
+			s.Free()
+			if released != 0 {
+				t.Fatal("released while the transport holds the message")
+			}
+		}
+		s.Free()
+		if released != 1 {
+			t.Fatalf("%d data bytes: released %d times, want 1", len(m.Data), released)
 		}
 	}
 }
