@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"tvixfarm/cas/digest"
+	"tvixfarm/internal/rpc"
 )
 
 // Defaults of GRPCOptions.
@@ -448,7 +449,7 @@ func (s *grpcStore) Put(ctx context.Context, d digest.Digest, r io.Reader) error
 // streamWrite uploads d with ByteStream.Write, retrying from the start if
 // r can be rewound.
 func (s *grpcStore) streamWrite(ctx context.Context, d digest.Digest, r io.Reader) error {
-	buf := make([]byte, min(int64(s.opts.ChunkSize), d.Size()))
+	chunks := newChunkBufs(int(min(int64(s.opts.ChunkSize), d.Size())))
 	seeker, ok := r.(io.Seeker)
 	var start int64
 	if ok {
@@ -458,7 +459,7 @@ func (s *grpcStore) streamWrite(ctx context.Context, d digest.Digest, r io.Reade
 		}
 	}
 	if !ok {
-		err := s.writeOnce(ctx, d, r, buf)
+		err := s.writeOnce(ctx, d, r, chunks)
 		var le *localError
 		if errors.As(err, &le) {
 			return le.err
@@ -473,13 +474,41 @@ func (s *grpcStore) streamWrite(ctx context.Context, d digest.Digest, r io.Reade
 			}
 		}
 		first = false
-		return s.writeOnce(ctx, d, r, buf)
+		return s.writeOnce(ctx, d, r, chunks)
 	})
 	var le *localError
 	if errors.As(err, &le) {
 		return le.err
 	}
 	return err
+}
+
+// chunkBufs recycles the chunk buffers of one upload: each is sent
+// without a copy (rpc.Bulk) and comes back when grpc-go has written it,
+// possibly after the upload has returned.
+type chunkBufs struct {
+	size int
+	mu   sync.Mutex
+	free [][]byte
+}
+
+func newChunkBufs(size int) *chunkBufs { return &chunkBufs{size: size} }
+
+func (c *chunkBufs) get() []byte {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n := len(c.free); n > 0 {
+		b := c.free[n-1]
+		c.free = c.free[:n-1]
+		return b
+	}
+	return make([]byte, c.size)
+}
+
+func (c *chunkBufs) put(b []byte) {
+	c.mu.Lock()
+	c.free = append(c.free, b)
+	c.mu.Unlock()
 }
 
 // localError marks an error of the caller's reader (or its verification),
@@ -493,7 +522,7 @@ func (e *localError) Unwrap() error { return e.err }
 // writeOnce makes one attempt at uploading d. The last chunk, with
 // finish_write, is sent only once the reader has returned io.EOF and the
 // data has been verified against d.
-func (s *grpcStore) writeOnce(ctx context.Context, d digest.Digest, r io.Reader, buf []byte) error {
+func (s *grpcStore) writeOnce(ctx context.Context, d digest.Digest, r io.Reader, chunks *chunkBufs) error {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	timer := newIdleTimer(s.opts.Timeout, cancel)
@@ -519,6 +548,7 @@ func (s *grpcStore) writeOnce(ctx context.Context, d digest.Digest, r io.Reader,
 	var off int64
 	early := false
 	for {
+		buf := chunks.get()
 		n := int(min(int64(len(buf)), d.Size()-off))
 		if _, err := io.ReadFull(vr, buf[:n]); err != nil {
 			if err == io.ErrUnexpectedEOF || err == io.EOF {
@@ -537,7 +567,8 @@ func (s *grpcStore) writeOnce(ctx context.Context, d digest.Digest, r io.Reader,
 			req.ResourceName = name
 		}
 		timer.start()
-		err := stream.Send(req) // encodes req before it returns: buf may be reused
+		// Sent from buf itself, which comes back once grpc-go has written it.
+		err := stream.SendMsg(rpc.Bulk{Message: req, Release: func() { chunks.put(buf) }})
 		timer.stop()
 		if err == io.EOF {
 			// The server ended the stream: CloseAndRecv tells how.
