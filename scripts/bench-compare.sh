@@ -18,7 +18,14 @@ data=$(mktemp -d /tmp/tvixfarm-bench.XXXXXX)
 bin/tvixfarm serve --listen 127.0.0.1:8985 --data "$data" --log-level warn 2>"$data/serve.log" &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$data"' EXIT INT TERM
-until bin/farmctl status --farm 127.0.0.1:8985 --timeout 1s >/dev/null 2>&1; do sleep 0.2; done
+until bin/farmctl status --farm 127.0.0.1:8985 --timeout 1s >/dev/null 2>&1; do
+	if ! kill -0 $pid 2>/dev/null; then
+		echo "bench-compare: tvixfarm serve exited (ports 8985-8987 taken?):" >&2
+		cat "$data/serve.log" >&2
+		exit 1
+	fi
+	sleep 0.2
+done
 : >"$out"
 r=1
 while [ $r -le "$rounds" ]; do
