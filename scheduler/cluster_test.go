@@ -581,3 +581,38 @@ func TestDedupAcrossNodes(t *testing.T) {
 		}
 	}
 }
+
+// TestCommitNudge checks that the leader of a cluster follows an entry
+// committed on an idle log with a barrier, which carries the commit index
+// to the followers at once (instead of after raft's CommitTimeout), that
+// a barrier is not followed by another, and that a node alone adds none.
+func TestCommitNudge(t *testing.T) {
+	for _, size := range []int{3, 1} {
+		c := newCluster(t, size)
+		leader := c.nodes[c.waitLeader()].n
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		// Let the new leader's own entries settle.
+		last := leader.Stats().LastIndex
+		for settled := 0; settled < 5; {
+			time.Sleep(20 * time.Millisecond)
+			if now := leader.Stats().LastIndex; now != last {
+				last, settled = now, 0
+			} else {
+				settled++
+			}
+		}
+		if _, err := leader.Apply(ctx, &schedulerpb.Command{Command: &schedulerpb.Command_Drain{Drain: &schedulerpb.Drain{Worker: "nobody"}}}); err != nil {
+			t.Fatal(err)
+		}
+		want := last + 1 // the command's entry
+		if size > 1 {
+			want++ // and the barrier
+		}
+		waitFor(t, 5*time.Second, "the barrier", func() bool { return leader.Stats().LastIndex >= want })
+		time.Sleep(50 * time.Millisecond)
+		if got := leader.Stats().LastIndex; got != want {
+			t.Errorf("%d nodes: log at index %d after one command at %d, want %d", size, got, last+1, want)
+		}
+	}
+}
