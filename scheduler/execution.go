@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/emptypb"
@@ -221,7 +222,7 @@ func (e *Execution) follow(ctx context.Context, stream grpc.ServerStreamingServe
 		var ok bool
 		e.n.Read(func(s *state.State) { stage, ok = s.Stage(name) })
 		if !ok || stage == schedulerpb.Stage_STAGE_COMPLETED || stage != last {
-			op, ok := e.watched(w)
+			op, opStage, ok := e.watchedStage(w)
 			if !ok {
 				return status.Errorf(codes.NotFound, "operation %q not found", name)
 			}
@@ -232,7 +233,7 @@ func (e *Execution) follow(ctx context.Context, stream grpc.ServerStreamingServe
 			if op.Done {
 				return nil
 			}
-			last = stageOf(op)
+			last = opStage
 		}
 		select {
 		case <-w.C:
@@ -250,13 +251,21 @@ func (e *Execution) follow(ctx context.Context, stream grpc.ServerStreamingServe
 // watched returns the operation w watches: from the state, or as it
 // completed if it was deleted and removed then.
 func (e *Execution) watched(w *Watch) (*longrunningpb.Operation, bool) {
-	if op, ok := e.get(w.op); ok {
-		return op, true
+	op, _, ok := e.watchedStage(w)
+	return op, ok
+}
+
+// watchedStage is watched, with the operation's stage.
+func (e *Execution) watchedStage(w *Watch) (*longrunningpb.Operation, schedulerpb.Stage, bool) {
+	var op *schedulerpb.Operation
+	var ok bool
+	e.n.Read(func(s *state.State) { op, ok = s.Operation(w.op) })
+	if !ok {
+		if op = w.Final(); op == nil {
+			return nil, 0, false
+		}
 	}
-	if final := w.Final(); final != nil {
-		return toOperation(final), true
-	}
-	return nil, false
+	return toOperation(op), op.Stage, true
 }
 
 func (e *Execution) detach(waiter, name string) {
@@ -442,6 +451,13 @@ func (e *Execution) DeleteOperation(ctx context.Context, req *longrunningpb.Dele
 func toOperation(op *schedulerpb.Operation) *longrunningpb.Operation {
 	fn, _ := digest.FunctionFromProto(repb.DigestFunction_Value(op.DigestFunction))
 	ad, _ := digest.Parse(fn, op.ActionDigest.GetHash(), op.ActionDigest.GetSizeBytes())
+	if op.Stage == schedulerpb.Stage_STAGE_COMPLETED && hasStatus(op.Result) {
+		// Passed on as it is: nothing to fill in, no decoding and encoding.
+		lop := operation(op.Name, ad, op.Stage, nil)
+		lop.Done = true
+		lop.Result = &longrunningpb.Operation_Response{Response: &anypb.Any{TypeUrl: executeResponseURL, Value: op.Result}}
+		return lop
+	}
 	var resp *repb.ExecuteResponse
 	if op.Stage == schedulerpb.Stage_STAGE_COMPLETED {
 		resp = &repb.ExecuteResponse{}
@@ -457,6 +473,31 @@ func toOperation(op *schedulerpb.Operation) *longrunningpb.Operation {
 		}
 	}
 	return operation(op.Name, ad, op.Stage, resp)
+}
+
+// executeResponseURL is the type URL of an ExecuteResponse in an Any.
+var executeResponseURL = "type.googleapis.com/" + string((&repb.ExecuteResponse{}).ProtoReflect().Descriptor().FullName())
+
+// hasStatus reports whether b, an encoded ExecuteResponse, is well formed
+// at its top level and has its status field (3).
+func hasStatus(b []byte) bool {
+	found := false
+	for len(b) > 0 {
+		num, typ, n := protowire.ConsumeTag(b)
+		if n < 0 {
+			return false
+		}
+		b = b[n:]
+		m := protowire.ConsumeFieldValue(num, typ, b)
+		if m < 0 {
+			return false
+		}
+		if num == 3 && typ == protowire.BytesType {
+			found = true
+		}
+		b = b[m:]
+	}
+	return found
 }
 
 // operation builds a longrunning.Operation with REAPI metadata.
@@ -478,23 +519,6 @@ func operation(name string, ad digest.Digest, stage schedulerpb.Stage, resp *rep
 		op.Result = &longrunningpb.Operation_Response{Response: r}
 	}
 	return op
-}
-
-// stageOf returns the stage in an operation's metadata.
-func stageOf(op *longrunningpb.Operation) schedulerpb.Stage {
-	var md repb.ExecuteOperationMetadata
-	if op.Metadata.UnmarshalTo(&md) != nil {
-		return schedulerpb.Stage_STAGE_UNSPECIFIED
-	}
-	switch md.Stage {
-	case repb.ExecutionStage_QUEUED:
-		return schedulerpb.Stage_STAGE_QUEUED
-	case repb.ExecutionStage_EXECUTING:
-		return schedulerpb.Stage_STAGE_EXECUTING
-	case repb.ExecutionStage_COMPLETED:
-		return schedulerpb.Stage_STAGE_COMPLETED
-	}
-	return schedulerpb.Stage_STAGE_UNSPECIFIED
 }
 
 // requestMetadata returns the REAPI RequestMetadata header, if any.
