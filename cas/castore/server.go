@@ -3,12 +3,15 @@ package castore
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"tvixfarm/cas/blobstore"
+	"tvixfarm/internal/rpc"
 	snixcastorepb "tvixfarm/proto/snix/castore/v1"
 	castorepb "tvixfarm/proto/tvix/castore/v1"
 )
@@ -84,6 +87,20 @@ func (b *blobServer) Read(req *castorepb.ReadBlobRequest, stream grpc.ServerStre
 		return err
 	}
 	defer rc.Close()
+	if cr, ok := rc.(blobstore.ChunkedReader); ok && ReadChunkSize >= 1<<20 {
+		// The store's buffers (up to a MiB each) go out as chunks
+		// without a copy.
+		n, err := cr.WriteTo(chunkSender{stream})
+		if err == nil && n != d.Size() {
+			err = fmt.Errorf("%d of %d bytes", n, d.Size())
+		}
+		if err != nil {
+			if _, ok := status.FromError(err); !ok || status.Code(err) == codes.Unknown {
+				err = status.Errorf(codes.Internal, "castore: read blob %s: %v", d, err)
+			}
+		}
+		return err
+	}
 	buf := make([]byte, min(int64(ReadChunkSize), d.Size()))
 	var sent int64
 	for sent < d.Size() {
@@ -100,6 +117,26 @@ func (b *blobServer) Read(req *castorepb.ReadBlobRequest, stream grpc.ServerStre
 		sent += int64(n)
 	}
 	return nil
+}
+
+// chunkSender sends each write as one BlobChunk.
+type chunkSender struct {
+	stream grpc.ServerStreamingServer[castorepb.BlobChunk]
+}
+
+func (w chunkSender) Write(p []byte) (int, error) {
+	if err := w.stream.Send(&castorepb.BlobChunk{Data: p}); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// WriteOwned sends p without copying it (blobstore.OwningWriter).
+func (w chunkSender) WriteOwned(p []byte, release func()) (int, error) {
+	if err := w.stream.SendMsg(rpc.Bulk{Message: &castorepb.BlobChunk{Data: p}, Release: release}); err != nil {
+		return 0, err
+	}
+	return len(p), nil
 }
 
 // Put stores the blob once the client has closed the stream; a stream that
