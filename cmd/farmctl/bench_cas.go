@@ -59,7 +59,7 @@ func benchCAS(args []string) error {
 	runs := fs.Int("runs", 5, "repetitions of each measure (the median is reported)")
 	large := fs.Int("large-mib", 100, "size of the ByteStream blob in MiB")
 	chunk := fs.Int("chunk-kib", 1024, "ByteStream chunk size in KiB")
-	only := fs.String("only", "", "comma-separated measures to run (findmissing,batchupdate,batchread,bytestream)")
+	only := fs.String("only", "", "comma-separated measures to run (findmissing,batchupdate,batchread,bytestream; bytestream-write: the writes alone)")
 	jsonOut := fs.Bool("json", false, "print results as JSON")
 	cpuProfile := fs.String("cpuprofile", "", "write a CPU profile of the client to this file")
 	if err := fs.Parse(args); err != nil {
@@ -137,7 +137,7 @@ func benchCAS(args []string) error {
 			return err
 		}
 	}
-	if want("bytestream") {
+	if want("bytestream") || strings.Contains(","+*only+",", ",bytestream-write,") {
 		size := int64(*large) << 20
 		var blobs []digest.Digest
 		if err := measure(fmt.Sprintf("ByteStream write (%d MiB)", *large), size, func(int) (time.Duration, error) {
@@ -147,8 +147,10 @@ func benchCAS(args []string) error {
 		}); err != nil {
 			return err
 		}
-		if err := measure(fmt.Sprintf("ByteStream read (%d MiB)", *large), size, func(run int) (time.Duration, error) { return b.bsRead(blobs[run]) }); err != nil {
-			return err
+		if want("bytestream") { // not for bytestream-write, the writes alone
+			if err := measure(fmt.Sprintf("ByteStream read (%d MiB)", *large), size, func(run int) (time.Duration, error) { return b.bsRead(blobs[run]) }); err != nil {
+				return err
+			}
 		}
 	}
 	if *jsonOut {
