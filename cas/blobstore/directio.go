@@ -7,6 +7,8 @@ import (
 	"sync"
 	"syscall"
 	"unsafe"
+
+	"tvixfarm/cas/digest"
 )
 
 // Large blobs are written and read with O_DIRECT when the file system
@@ -173,12 +175,8 @@ type ChunkedReader interface {
 }
 
 // OwningWriter is a writer that can take a ChunkedReader's buffer instead
-// of copying it: WriteOwned writes p, which w may keep using after it
-// returns, and calls release at most once, when w no longer needs p. A
-// buffer w never releases is left to the garbage collector.
-type OwningWriter interface {
-	WriteOwned(p []byte, release func()) (int, error)
-}
+// of copying it (see digest.OwningWriter).
+type OwningWriter = digest.OwningWriter
 
 // ChunkedWriteTo marks directReader as a ChunkedReader.
 func (r *directReader) ChunkedWriteTo() {}

@@ -3,6 +3,7 @@ package digest
 import (
 	"hash"
 	"io"
+	"sync/atomic"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -47,8 +48,17 @@ func (v *verifyingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// OwningWriter is a writer that can take ownership of a buffer:
+// WriteOwned writes p, which the writer may go on reading after it
+// returns, and calls release at most once, when it no longer needs p. A
+// buffer that is never released is left to the garbage collector.
+type OwningWriter interface {
+	WriteOwned(p []byte, release func()) (int, error)
+}
+
 // ChunkSource is a reader whose WriteTo hands over buffers it never
-// modifies afterwards, so they may be read after Write returns.
+// modifies afterwards, so they may be read after Write returns. Buffers
+// it passes to an OwningWriter are reused once released.
 type ChunkSource interface {
 	io.WriterTo
 	HandsOverChunks()
@@ -64,12 +74,15 @@ func (v *verifyingReader) WriteTo(w io.Writer) (int64, error) {
 	if !ok || v.err != nil || v.n != 0 {
 		return io.CopyBuffer(w, readerOnly{v}, make([]byte, 256<<10))
 	}
-	chunks := make(chan []byte, 4)
+	chunks := make(chan hashChunk, 4)
 	hashed := make(chan struct{})
 	go func() {
 		defer close(hashed)
 		for c := range chunks {
-			v.h.Write(c)
+			v.h.Write(c.b)
+			if c.done != nil {
+				c.done()
+			}
 		}
 	}()
 	tw := &teeHashWriter{w: w, chunks: chunks, limit: v.d.size}
@@ -106,18 +119,45 @@ func (v *verifyingReader) check() error {
 // hand over freshly received buffers.
 type teeHashWriter struct {
 	w      io.Writer
-	chunks chan<- []byte
+	chunks chan<- hashChunk
 	n      int64
 	limit  int64
+}
+
+// hashChunk is a chunk queued for hashing, with what to call once hashed.
+type hashChunk struct {
+	b    []byte
+	done func()
 }
 
 func (t *teeHashWriter) Write(p []byte) (int, error) {
 	if t.n+int64(len(p)) > t.limit {
 		return 0, status.Errorf(codes.InvalidArgument, "received more than %d bytes", t.limit)
 	}
-	t.chunks <- p
+	t.chunks <- hashChunk{b: p}
 	t.n += int64(len(p))
 	return t.w.Write(p)
+}
+
+// WriteOwned implements OwningWriter: p is released once it is both
+// hashed and written to w (which, as an io.Writer, does not keep it).
+func (t *teeHashWriter) WriteOwned(p []byte, release func()) (int, error) {
+	if t.n+int64(len(p)) > t.limit {
+		release()
+		return 0, status.Errorf(codes.InvalidArgument, "received more than %d bytes", t.limit)
+	}
+	var users atomic.Int32
+	users.Store(2)
+	done := func() {
+		if users.Add(-1) == 0 {
+			release()
+		}
+	}
+	t.chunks <- hashChunk{b: p, done: done}
+	t.n += int64(len(p))
+	n, err := t.w.Write(p)
+	done()
+	return n, err
 }
 
 type readerOnly struct{ io.Reader }

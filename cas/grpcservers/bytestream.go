@@ -317,7 +317,8 @@ func (s *ByteStreamServer) Write(stream bspb.ByteStream_WriteServer) error {
 			if dec != nil {
 				_, err = dec.zw.Write(req.Data)
 			} else {
-				_, err = u.pw.Write(req.Data)
+				data := req.Data // ours: the pipe gives it back when stored
+				_, err = u.pw.WriteOwned(data, func() { rpc.ReleaseBuffer(data) })
 				if err == nil {
 					u.committed.Add(int64(len(req.Data)))
 				}

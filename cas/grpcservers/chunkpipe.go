@@ -3,6 +3,8 @@ package grpcservers
 import (
 	"io"
 	"sync"
+
+	"tvixfarm/cas/digest"
 )
 
 // chunkPipe connects a ByteStream Write stream to the BlobAccess.Put that
@@ -10,18 +12,32 @@ import (
 // copying and buffers a few of them, so receiving the next message
 // overlaps storing the previous one. The writer must not modify a buffer
 // after Write; received message buffers are never reused, so that holds.
+// Buffers handed over with WriteOwned are given back once consumed.
 type chunkPipe struct {
-	ch         chan []byte
+	ch         chan chunk
 	closeOnce  sync.Once
 	werr       error // set before ch is closed: the reader's final error
 	readerDone chan struct{}
 	doneOnce   sync.Once
-	cur        []byte
+	cur        chunk
 	pending    []byte // small writes being collected (writer side)
 }
 
+// chunk is a buffer in the pipe, and, for one handed over with
+// WriteOwned, how to give it back.
+type chunk struct {
+	b       []byte
+	release func() // nil for the pipe's own buffers
+}
+
+func (c chunk) done() {
+	if c.release != nil {
+		c.release()
+	}
+}
+
 func newChunkPipe() *chunkPipe {
-	return &chunkPipe{ch: make(chan []byte, 4), readerDone: make(chan struct{})}
+	return &chunkPipe{ch: make(chan chunk, 4), readerDone: make(chan struct{})}
 }
 
 // coalesceSize is the size of the chunks handed to the reader when the
@@ -36,9 +52,25 @@ func (p *chunkPipe) Write(b []byte) (int, error) {
 		return 0, nil
 	}
 	if len(p.pending) == 0 && len(b) >= coalesceSize/2 {
-		return len(b), p.send(b)
+		return len(b), p.send(chunk{b: b})
 	}
 	return p.WriteCopy(b)
+}
+
+// WriteOwned is Write for a buffer the pipe may give back: release is
+// called once the reader is done with b, or at once if b is copied or
+// not taken.
+func (p *chunkPipe) WriteOwned(b []byte, release func()) (int, error) {
+	if len(b) == 0 || len(p.pending) > 0 || len(b) < coalesceSize/2 {
+		n, err := p.WriteCopy(b)
+		release()
+		return n, err
+	}
+	if err := p.send(chunk{b, release}); err != nil {
+		release()
+		return 0, err
+	}
+	return len(b), nil
 }
 
 // WriteCopy is Write for callers that reuse b: it always copies.
@@ -65,12 +97,12 @@ func (p *chunkPipe) flush() error {
 	}
 	c := p.pending
 	p.pending = nil
-	return p.send(c)
+	return p.send(chunk{b: c})
 }
 
-func (p *chunkPipe) send(b []byte) error {
+func (p *chunkPipe) send(c chunk) error {
 	select {
-	case p.ch <- b:
+	case p.ch <- c:
 		return nil
 	case <-p.readerDone:
 		return errPutReturned
@@ -103,38 +135,53 @@ func (p *chunkPipe) CloseRead() {
 	p.doneOnce.Do(func() { close(p.readerDone) })
 }
 
-func (p *chunkPipe) next() ([]byte, error) {
-	b, ok := <-p.ch
+func (p *chunkPipe) next() (chunk, error) {
+	c, ok := <-p.ch
 	if !ok {
-		return nil, p.werr
+		return chunk{}, p.werr
 	}
-	return b, nil
+	return c, nil
 }
 
 // Read implements io.Reader.
 func (p *chunkPipe) Read(b []byte) (int, error) {
-	if len(p.cur) == 0 {
+	for len(p.cur.b) == 0 {
 		c, err := p.next()
 		if err != nil {
 			return 0, err
 		}
 		p.cur = c
 	}
-	n := copy(b, p.cur)
-	p.cur = p.cur[n:]
+	n := copy(b, p.cur.b)
+	p.cur.b = p.cur.b[n:]
+	if len(p.cur.b) == 0 {
+		p.cur.done()
+		p.cur = chunk{}
+	}
 	return n, nil
 }
 
 // HandsOverChunks marks chunkPipe as a digest.ChunkSource.
 func (p *chunkPipe) HandsOverChunks() {}
 
-// WriteTo implements io.WriterTo, passing the chunks themselves to w.
+// WriteTo implements io.WriterTo, passing the chunks themselves to w: to
+// an OwningWriter with their release, to any other writer followed by
+// their release when Write returns.
 func (p *chunkPipe) WriteTo(w io.Writer) (int64, error) {
+	ow, owning := w.(digest.OwningWriter)
+	write := func(c chunk) (int, error) {
+		if owning && c.release != nil {
+			return ow.WriteOwned(c.b, c.release)
+		}
+		m, err := w.Write(c.b)
+		c.done()
+		return m, err
+	}
 	var n int64
-	if len(p.cur) > 0 {
-		m, err := w.Write(p.cur)
+	if len(p.cur.b) > 0 {
+		m, err := write(p.cur)
 		n += int64(m)
-		p.cur = nil
+		p.cur = chunk{}
 		if err != nil {
 			return n, err
 		}
@@ -146,7 +193,7 @@ func (p *chunkPipe) WriteTo(w io.Writer) (int64, error) {
 		} else if err != nil {
 			return n, err
 		}
-		m, err := w.Write(c)
+		m, err := write(c)
 		n += int64(m)
 		if err != nil {
 			return n, err

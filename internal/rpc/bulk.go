@@ -114,6 +114,17 @@ func isBulkField(fd protoreflect.FieldDescriptor) bool {
 		fd.ContainingOneof() == nil
 }
 
+// ReleaseBuffer gives a large bytes field of a received message back to
+// the codec's buffer pool, for the next message: the caller owns the
+// message and nothing reads b any more. Received large fields come from
+// the pool, so that they need neither fresh memory nor zeroing; one that
+// is never released is left to the garbage collector.
+func ReleaseBuffer(b []byte) {
+	if cap(b) >= bulkMin {
+		pool.Put(&b)
+	}
+}
+
 // errNotBulk sends unmarshalBulk's caller to the ordinary path.
 var errNotBulk = errors.New("rpc: not a bulk message")
 
@@ -177,7 +188,7 @@ func unmarshalBulk(data mem.BufferSlice, m proto.Message) error {
 					}
 				}
 				if n >= bulkMin {
-					b := make([]byte, n)
+					b := (*pool.Get(int(n)))[:n] // see ReleaseBuffer
 					c.read(b)
 					big = append(big, field{fd, b})
 					rest = rest[:start]
