@@ -246,6 +246,7 @@ func newFarm(ctx context.Context, cfg *config.Config, log *slog.Logger, embedded
 		grpc.InitialWindowSize(16 << 20), grpc.InitialConnWindowSize(16 << 20),
 		grpc.WriteBufferSize(1 << 20), grpc.ReadBufferSize(1 << 20),
 		experimental.BufferPool(rpc.BufferPool()),
+		grpc.NumStreamWorkers(streamWorkers),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(streams...),
@@ -531,3 +532,9 @@ func (f *Farm) closeAll() {
 	}
 	f.closers = nil
 }
+
+// streamWorkers is the number of goroutines kept to serve RPCs. A worker
+// keeps the stack it grew, so the Execute and ByteStream handlers do not
+// grow a fresh goroutine's stack for every RPC; RPCs beyond the workers
+// busy get a goroutine of their own as before.
+const streamWorkers = 256
