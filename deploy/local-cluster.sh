@@ -4,8 +4,9 @@
 #   storage     127.0.0.10:8980 (Nix binary cache on :8981)
 #   scheduler   node1..node3 at 127.0.0.11..13:8980 (Nix binary cache on :8981,
 #               raft on :8982), one raft cluster
-#               metrics and Go profiles on :8983 (/metrics, /debug/pprof/)
 #   executors   exec1, exec2 at 127.0.0.21..22:8980, connected to node1 and node2
+# Every process serves metrics and Go profiles on :8983 of its address
+# (/metrics, /debug/pprof/).
 # `up` prints the address for clients on a line of its own: "client: HOST:PORT",
 # and the binary cache's URL: "binary cache: http://HOST:PORT".
 # `down` stops the processes by the PIDs `up` recorded.
@@ -52,7 +53,8 @@ up() {
 		peers="$peers    - {id: ${n%%:*}, raft: \"${n#*:}:8982\"}
 "
 	done
-	start storage storage "$storage" /dev/null --http-listen "${storage%:*}:8981"
+	printf 'metrics_listen: "%s:8983"\n' "${storage%:*}" >"$dir/storage.yaml"
+	start storage storage "$storage" "$dir/storage.yaml" --http-listen "${storage%:*}:8981"
 	for n in $nodes; do
 		id=${n%%:*} host=${n#*:}
 		cat >"$dir/$id.yaml" <<YAML
@@ -70,6 +72,7 @@ YAML
 		id=${e%%:*} rest=${e#*:}
 		host=${rest%%:*} sched=${rest#*:}
 		cat >"$dir/$id.yaml" <<YAML
+metrics_listen: "$host:8983"
 executor:
   name: $id
   sandbox: $sandbox
