@@ -114,6 +114,10 @@ const (
 	// maxInflight bounds the raft applies in flight; more callers wait
 	// and are batched together.
 	maxInflight = 4
+	// logCacheSize is the number of recent raft entries kept in memory:
+	// a few times MaxAppendEntries, so replication and apply never go to
+	// the log's segments for entries just written.
+	logCacheSize = 1024
 	// contactTimeout is how long a follower goes without hearing from
 	// the leader before it considers itself cut off (raft's own
 	// heartbeat timeout usually notices first).
@@ -221,7 +225,15 @@ func NewNode(cfg NodeConfig) (*Node, error) {
 			}
 		}
 	}
-	r, err := raft.NewRaft(rc, n.fsm, store, store, snaps, trans)
+	// Raft reads back every entry it stored: followers to apply it, the
+	// leader to replicate it. The last entries stay in memory rather than
+	// being read and decoded from the log's segments again.
+	logs, err := raft.NewLogCache(logCacheSize, store)
+	if err != nil {
+		n.closeStores()
+		return nil, fmt.Errorf("scheduler: %w", err)
+	}
+	r, err := raft.NewRaft(rc, n.fsm, logs, store, snaps, trans)
 	if err != nil {
 		n.closeStores()
 		return nil, fmt.Errorf("scheduler: raft: %w", err)
