@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -82,7 +83,15 @@ func freeAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-func quiet() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+// quiet is the nodes' and workers' logger: silent, unless
+// TVIXFARM_TEST_LOG is set, then Info and above on standard error (to
+// follow a failover, say).
+func quiet() *slog.Logger {
+	if os.Getenv("TVIXFARM_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	}
+	return slog.New(slog.NewTextHandler(io.Discard, nil))
+}
 
 // newCluster starts n nodes that bootstrap one cluster.
 func newCluster(t *testing.T, n int) *cluster {
@@ -213,15 +222,21 @@ func (c *cluster) waitLeaderAmong(ids ...string) string {
 // one in use dies.
 func (c *cluster) conn() *grpc.ClientConn { return c.connTo(c.ids...) }
 
+// workerConn is conn as an executor dials it.
+func (c *cluster) workerConn() *grpc.ClientConn { return c.connWith(worker.DialOptions(), c.ids...) }
+
 // connTo connects to the nodes ids, the first one first.
-func (c *cluster) connTo(ids ...string) *grpc.ClientConn {
+func (c *cluster) connTo(ids ...string) *grpc.ClientConn { return c.connWith(nil, ids...) }
+
+// connWith is connTo with extra dial options.
+func (c *cluster) connWith(opts []grpc.DialOption, ids ...string) *grpc.ClientConn {
 	r := manual.NewBuilderWithScheme(fmt.Sprintf("tf%d", time.Now().UnixNano()))
 	var addrs []resolver.Address
 	for _, id := range ids {
 		addrs = append(addrs, resolver.Address{Addr: c.client[id]})
 	}
 	r.InitialState(resolver.State{Addresses: addrs})
-	conn, err := grpc.NewClient(r.Scheme()+":///cluster", grpc.WithResolvers(r), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(r.Scheme()+":///cluster", append(opts, grpc.WithResolvers(r), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -345,8 +360,8 @@ func TestLeaderFailover(t *testing.T) {
 	c := newCluster(t, 3)
 	r1 := &runner{delay: 20 * time.Millisecond, slots: 16, runs: map[string]int{}, first: make(chan time.Time, 1)}
 	r2 := &runner{delay: 20 * time.Millisecond, slots: 16, runs: map[string]int{}, first: make(chan time.Time, 1)}
-	defer startWorker(c.conn(), "w1", r1)()
-	defer startWorker(c.conn(), "w2", r2)()
+	defer startWorker(c.workerConn(), "w1", r1)()
+	defer startWorker(c.workerConn(), "w2", r2)()
 
 	const n = 1000
 	ads := make([]*repb.Digest, n)
@@ -394,6 +409,7 @@ func TestLeaderFailover(t *testing.T) {
 		}
 	}
 	newLeader := c.waitLeader()
+	elected := time.Since(killed)
 	var resumed time.Time
 	select {
 	case resumed = <-r1.first:
@@ -401,8 +417,8 @@ func TestLeaderFailover(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("no dispatch within 30 s of the leader's death")
 	}
-	t.Logf("killed leader %s with %d of %d actions not completed; %s leads; dispatch resumed %v after the kill",
-		leader, inflight, n, newLeader, resumed.Sub(killed).Round(time.Millisecond))
+	t.Logf("killed leader %s with %d of %d actions not completed; %s leads (seen %v after the kill); dispatch resumed %v after the kill",
+		leader, inflight, n, newLeader, elected.Round(time.Millisecond), resumed.Sub(killed).Round(time.Millisecond))
 	wg.Wait()
 	close(errs)
 	for err := range errs {
@@ -420,7 +436,7 @@ func TestLeaderFailover(t *testing.T) {
 func TestExecutorDies(t *testing.T) {
 	c := newCluster(t, 3)
 	slow := &runner{delay: time.Hour, slots: 4, runs: map[string]int{}}
-	stopSlow := startWorker(c.conn(), "slow", slow)
+	stopSlow := startWorker(c.workerConn(), "slow", slow)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	conn := c.conn()
@@ -441,7 +457,7 @@ func TestExecutorDies(t *testing.T) {
 	}
 	stopSlow() // it dies mid-action
 	fast := &runner{delay: time.Millisecond, slots: 4, runs: map[string]int{}}
-	defer startWorker(c.conn(), "fast", fast)()
+	defer startWorker(c.workerConn(), "fast", fast)()
 	wg.Wait()
 	for i, r := range results {
 		if r.GetStatus().GetCode() != 0 || r.Result == nil {
@@ -503,7 +519,7 @@ func TestRestartFromDisk(t *testing.T) {
 	}
 	c.waitLeader()
 	r := &runner{delay: time.Millisecond, slots: 8, runs: map[string]int{}}
-	defer startWorker(c.conn(), "w", r)()
+	defer startWorker(c.workerConn(), "w", r)()
 	for i, name := range names {
 		stream, err := repb.NewExecutionClient(conn).WaitExecution(ctx, &repb.WaitExecutionRequest{Name: name}, grpc.WaitForReady(true))
 		if err != nil {
@@ -549,7 +565,7 @@ func TestRestartFromDisk(t *testing.T) {
 func TestDedupAcrossNodes(t *testing.T) {
 	c := newCluster(t, 3)
 	r := &runner{delay: 200 * time.Millisecond, slots: 4, runs: map[string]int{}}
-	defer startWorker(c.conn(), "w", r)()
+	defer startWorker(c.workerConn(), "w", r)()
 	ad := c.action(42)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -613,6 +629,72 @@ func TestCommitNudge(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 		if got := leader.Stats().LastIndex; got != want {
 			t.Errorf("%d nodes: log at index %d after one command at %d, want %d", size, got, last+1, want)
+		}
+	}
+}
+
+// TestApplyDuringElection: commands applied on the followers while no
+// leader is known succeed once one is elected, also on the node that is
+// elected. (Its batches, waiting for a leader to forward to, used to wait
+// out electionWait and fail, and its own applies, such as the workers'
+// registrations, queued behind them.)
+func TestApplyDuringElection(t *testing.T) {
+	c := newCluster(t, 3)
+	c.stop(c.waitLeader())
+	var survivors []*scheduler.Node
+	for _, tn := range c.nodes {
+		survivors = append(survivors, tn.n)
+	}
+	// Until they notice, the survivors forward to the dead leader, which
+	// fails at once. The case here is the election: every survivor is a
+	// candidate and knows no leader.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Microsecond) {
+		if time.Now().After(deadline) {
+			t.Skip("never saw all survivors without a leader (an election too quick to catch)")
+		}
+		all := true
+		for _, n := range survivors {
+			if id, _ := n.Leader(); id != "" || n.IsLeader() {
+				all = false
+			}
+		}
+		if all {
+			break
+		}
+	}
+	start := time.Now()
+	var elected atomic.Int64 // when a survivor first led, after start
+	go func() {
+		for time.Since(start) < 10*time.Second {
+			for _, n := range survivors {
+				if n.IsLeader() {
+					elected.Store(int64(time.Since(start)))
+					return
+				}
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	errs := make([]error, len(survivors))
+	var wg sync.WaitGroup
+	for i, n := range survivors {
+		wg.Go(func() {
+			_, errs[i] = n.Apply(ctx, &schedulerpb.Command{Command: &schedulerpb.Command_Drain{Drain: &schedulerpb.Drain{Worker: fmt.Sprint("w", i)}}})
+		})
+	}
+	wg.Wait()
+	leader := c.waitLeader()
+	// A follower gives up waiting for a leader after 2 s (electionWait);
+	// an election slower than that (a loaded machine) proves nothing.
+	if e := time.Duration(elected.Load()); e == 0 || e > 1500*time.Millisecond {
+		t.Skipf("the election took %v", e)
+	}
+	t.Logf("%s elected %v after the applies started, which took %v", leader, time.Duration(elected.Load()).Round(time.Millisecond), time.Since(start).Round(time.Millisecond))
+	for i, err := range errs {
+		if err != nil {
+			t.Errorf("apply on %s (leader now: %s): %v", survivors[i].ID(), leader, err)
 		}
 	}
 }

@@ -50,7 +50,7 @@ func TestDeleteOperation(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	g := &gated{release: make(chan struct{}, 16), started: make(chan string, 16)}
-	defer startWorker(c.conn(), "w", g)()
+	defer startWorker(c.workerConn(), "w", g)()
 	// Through a follower: the calls are forwarded to the leader.
 	conn := c.nodeConn(follower)
 	ops := longrunningpb.NewOperationsClient(conn)

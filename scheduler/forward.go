@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"sync"
 	"time"
@@ -24,6 +25,12 @@ const forwardedKey = "x-tvixfarm-forwarded"
 // electionWait bounds how long a follower waits for a leader to forward
 // to.
 const electionWait = 2 * time.Second
+
+// errLeaderNow is what applyOnLeader returns, having applied nothing,
+// once this node leads: the batcher applies the batch itself. Before,
+// such batches waited out electionWait, and the new leader's own
+// applies (the workers' registrations first) queued behind them.
+var errLeaderNow = errors.New("scheduler: this node leads now; nothing applied")
 
 // noLeader is the message of the UNAVAILABLE error of a call that found no
 // leader to forward to.
@@ -165,6 +172,11 @@ func (f *Forwarder) applyOnLeader(ctx context.Context, b *schedulerpb.Batch) ([]
 	var err error
 	giveUp := time.Now().Add(electionWait)
 	for delay := 10 * time.Millisecond; ; delay = min(2*delay, 200*time.Millisecond) {
+		if f.n.IsLeader() {
+			// Elected while waiting for a leader: the batch is this
+			// node's to apply (Node.batcher does).
+			return nil, 0, errLeaderNow
+		}
 		var conn *grpc.ClientConn
 		conn, err = f.leader()
 		if err == nil {

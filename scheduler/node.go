@@ -563,8 +563,12 @@ func (n *Node) batcher() {
 			inflight.Add(1)
 			go func() {
 				defer inflight.Done()
-				defer func() { <-sem }()
 				results, index, err := n.applyRemote(remote, batch)
+				<-sem
+				if errors.Is(err, errLeaderNow) {
+					n.requeue(reqs)
+					return
+				}
 				deliverResults(reqs, results, index, err)
 			}()
 			continue
@@ -648,6 +652,19 @@ func batchLen(reqs []*applyReq) int {
 		n += len(r.cmds)
 	}
 	return n
+}
+
+// requeue hands requests back to the batcher, as when they were first
+// made: a follower's batch that was waiting for a leader when this node
+// was elected.
+func (n *Node) requeue(reqs []*applyReq) {
+	for _, r := range reqs {
+		select {
+		case n.reqs <- r:
+		case <-n.ctx.Done():
+			r.done <- applyResult{err: status.Error(codes.Unavailable, "scheduler: shutting down")}
+		}
+	}
 }
 
 // applyRemote applies a batch on the leader.

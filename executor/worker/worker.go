@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"sync"
@@ -16,6 +17,7 @@ import (
 
 	repb "github.com/bazelbuild/remote-apis/build/bazel/remote/execution/v2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -75,6 +77,19 @@ type result struct {
 	data  []byte
 }
 
+// DialOptions are the options for the connection a worker reaches the
+// scheduler through, besides credentials. grpc-go waits 1 s, then 1.6 s
+// and longer, before it dials again once every address of a channel has
+// failed: after a leader's death that left workers idle for seconds
+// after a new leader was elected. A worker dials again within 100 ms to
+// 1 s instead; a scheduler node is cheap to dial.
+func DialOptions() []grpc.DialOption {
+	return []grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
+		Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+		MinConnectTimeout: 5 * time.Second,
+	})}
+}
+
 // New returns a worker that reaches the scheduler through conn.
 func New(conn grpc.ClientConnInterface, runner Runner, cfg Config) *Worker {
 	log := cfg.Logger
@@ -109,9 +124,28 @@ func (w *Worker) Run(ctx context.Context) error {
 			return ctx.Err()
 		case <-time.After(backoff + rand.N(backoff/2+1)):
 		}
-		backoff = min(2*backoff, 2*time.Second)
+		backoff = nextBackoff(backoff, err)
 	}
 }
+
+// nextBackoff is the wait before the session after one that failed with
+// err, after a wait of d. UNAVAILABLE (or a session the node ended) is
+// what a cluster says while it
+// elects a leader, and what the channel says while it moves off a dead
+// node: the farm is back within a second or two, and every dispatch
+// waits for the workers to register again, so those retries stay
+// frequent. Other refusals back off further.
+func nextBackoff(d time.Duration, err error) time.Duration {
+	limit := 2 * time.Second
+	if status.Code(err) == codes.Unavailable || errors.Is(err, io.EOF) {
+		limit = unavailableBackoff
+	}
+	return min(2*d, limit)
+}
+
+// unavailableBackoff caps the wait between sessions that failed with
+// UNAVAILABLE.
+const unavailableBackoff = 200 * time.Millisecond
 
 func (w *Worker) cancelAll() {
 	w.mu.Lock()

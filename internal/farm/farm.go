@@ -496,7 +496,7 @@ func (f *Farm) stopCache() {
 
 // startWorker connects the executor to the scheduler.
 func (f *Farm) startWorker(ctx context.Context) error {
-	conn, err := grpc.NewClient(f.schedAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(f.schedAddr, append(worker.DialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		return fmt.Errorf("executor: scheduler %s: %w", f.schedAddr, err)
 	}
