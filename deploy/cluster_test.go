@@ -127,6 +127,7 @@ func TestLocalCluster(t *testing.T) {
 	if _, err := fmt.Sscan(strings.TrimSpace(string(pid)), &p); err != nil {
 		t.Fatal(err)
 	}
+	t.Logf("killing the leader, %s", st.Cluster.Leader)
 	syscall.Kill(p, syscall.SIGKILL)
 	if st.Cluster.Leader == "node1" {
 		client = "127.0.0.12:8980"
@@ -141,6 +142,26 @@ func TestLocalCluster(t *testing.T) {
 			t.Fatalf("no working cluster 30 s after the leader was killed: %v\n%s", err, out)
 		}
 		time.Sleep(500 * time.Millisecond)
+	}
+	// Both executors work for the new leader, also the one whose first
+	// scheduler address was the dead node's: each registered again, with
+	// a live node.
+	for _, e := range []string{"exec1", "exec2"} {
+		var last string
+		for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+			log, _ := os.ReadFile(filepath.Join(dir, "cluster", e, "log"))
+			for l := range strings.Lines(string(log)) {
+				if strings.Contains(l, "worker: registered") {
+					last = l
+				}
+			}
+			if last != "" && !strings.Contains(last, "node="+st.Cluster.Leader+" ") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s has not registered with a live node 20 s after %s was killed; last: %s", e, st.Cluster.Leader, last)
+			}
+		}
 	}
 	if out, err := script("down"); err != nil {
 		t.Fatalf("down: %v\n%s", err, out)

@@ -5,6 +5,7 @@
 #   scheduler   node1..node3 at 127.0.0.11..13:8980 (Nix binary cache on :8981,
 #               raft on :8982), one raft cluster
 #   executors   exec1, exec2 at 127.0.0.21..22:8980, connected to node1 and node2
+#               first, and to another node when that one dies
 # Every process serves metrics and Go profiles on :8983 of its address
 # (/metrics, /debug/pprof/).
 # `up` prints the address for clients on a line of its own: "client: HOST:PORT",
@@ -27,7 +28,7 @@ if [ "$sandbox" = noop ] && [ "$slots" = 0 ]; then slots=256; fi
 
 storage=127.0.0.10:8980
 nodes="node1:127.0.0.11 node2:127.0.0.12 node3:127.0.0.13"
-executors="exec1:127.0.0.21:127.0.0.11 exec2:127.0.0.22:127.0.0.12"
+executors="exec1:127.0.0.21:127.0.0.11:8980,127.0.0.12:8980,127.0.0.13:8980 exec2:127.0.0.22:127.0.0.12:8980,127.0.0.13:8980,127.0.0.11:8980"
 client=127.0.0.11:8980
 
 start() { # name role listen config [flags...]
@@ -78,7 +79,7 @@ executor:
   sandbox: $sandbox
   slots: $slots
   storage: "$storage"
-  scheduler: "$sched:8980"
+  scheduler: "$sched"
 YAML
 		start "$id" executor "$host:8980" "$dir/$id.yaml"
 	done

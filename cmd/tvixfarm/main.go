@@ -138,7 +138,7 @@ func serve(args []string) error {
 	data := fs.String("data", "", "data directory (default /var/lib/tvixfarm as root, else $XDG_DATA_HOME/tvixfarm)")
 	cfgPath := fs.String("config", "", "configuration file (YAML); every setting has a default")
 	role := fs.String("role", "all", "roles to run: all (storage, scheduler and executor in one process), or a comma-separated list of storage, scheduler, executor")
-	sched := fs.String("scheduler", "", "address of a scheduler node, for --role executor (overrides executor.scheduler)")
+	sched := fs.String("scheduler", "", "address of a scheduler node, or a comma-separated list of nodes, for --role executor (overrides executor.scheduler)")
 	logLevel := fs.String("log-level", "", "debug, info, warn or error (overrides the config)")
 	if err := fs.Parse(args); err != nil {
 		return err

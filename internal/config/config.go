@@ -91,8 +91,9 @@ type Executor struct {
 	PlainREAPI bool `yaml:"plain_reapi"`
 	// Scheduler is the address of a scheduler node (any node of the
 	// cluster) for an executor that runs without the scheduler role
-	// (flag --scheduler). An all-in-one process connects its executor to
-	// its own scheduler.
+	// (flag --scheduler), or a comma-separated list of them: the executor
+	// then moves to another node when the one it uses dies. An all-in-one
+	// process connects its executor to its own scheduler.
 	Scheduler string `yaml:"scheduler"`
 }
 

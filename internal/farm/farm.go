@@ -496,7 +496,12 @@ func (f *Farm) stopCache() {
 
 // startWorker connects the executor to the scheduler.
 func (f *Farm) startWorker(ctx context.Context) error {
-	conn, err := grpc.NewClient(f.schedAddr, append(worker.DialOptions(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+	target, opts, err := rpc.Target(f.schedAddr)
+	if err != nil {
+		return fmt.Errorf("executor: scheduler: %w", err)
+	}
+	opts = append(opts, worker.DialOptions()...)
+	conn, err := grpc.NewClient(target, append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		return fmt.Errorf("executor: scheduler %s: %w", f.schedAddr, err)
 	}

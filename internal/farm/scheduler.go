@@ -7,6 +7,7 @@ import (
 	"net"
 	"path/filepath"
 	"time"
+	"tvixfarm/internal/rpc"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -119,8 +120,12 @@ func (f *Farm) newScheduler(cfg config.Scheduler, clientAddr string, stores *blo
 // remoteStores is the storage of a role that runs without the storage
 // role: a REAPI client of addr.
 func (f *Farm) remoteStores(addr string) (*blobstore.Instances, *grpc.ClientConn, error) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(grpcservers.MaxRecvMsgSize)))
+	target, opts, err := rpc.Target(addr)
+	if err != nil {
+		return nil, nil, fmt.Errorf("storage: %w", err)
+	}
+	conn, err := grpc.NewClient(target, append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(grpcservers.MaxRecvMsgSize)))...)
 	if err != nil {
 		return nil, nil, fmt.Errorf("storage %s: %w", addr, err)
 	}
