@@ -7,9 +7,11 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 )
 
 // TestTargetList: a channel over a list of addresses reaches a live one
@@ -39,11 +41,21 @@ func TestTargetList(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
+	// A call on a connection as it closes fails with UNAVAILABLE; callers
+	// retry such calls, and so does this check, until the channel has
+	// moved on or 10 s have passed.
 	check := func(what string) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true)); err != nil {
-			t.Fatalf("%s: %v", what, err)
+		for {
+			_, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+			if err == nil {
+				return
+			}
+			if status.Code(err) != codes.Unavailable || ctx.Err() != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 	}
 	check("first address dead")
