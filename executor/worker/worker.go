@@ -130,11 +130,10 @@ func (w *Worker) Run(ctx context.Context) error {
 
 // nextBackoff is the wait before the session after one that failed with
 // err, after a wait of d. UNAVAILABLE (or a session the node ended) is
-// what a cluster says while it
-// elects a leader, and what the channel says while it moves off a dead
-// node: the farm is back within a second or two, and every dispatch
-// waits for the workers to register again, so those retries stay
-// frequent. Other refusals back off further.
+// what a cluster says while it elects a leader, and what the channel
+// says while it moves off a dead node: the farm is back within a second
+// or two, and every dispatch waits for the workers to register again, so
+// those retries stay frequent. Other refusals back off further.
 func nextBackoff(d time.Duration, err error) time.Duration {
 	limit := 2 * time.Second
 	if status.Code(err) == codes.Unavailable || errors.Is(err, io.EOF) {

@@ -7,7 +7,6 @@ import (
 	"net"
 	"path/filepath"
 	"time"
-	"tvixfarm/internal/rpc"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -15,6 +14,7 @@ import (
 	"tvixfarm/cas/blobstore"
 	"tvixfarm/cas/grpcservers"
 	"tvixfarm/internal/config"
+	"tvixfarm/internal/rpc"
 	"tvixfarm/scheduler"
 	"tvixfarm/scheduler/state"
 )
